@@ -1,0 +1,63 @@
+"""Next-token choice as pure functions on a row of logits, plus a seeded generator per row.
+
+Order follows transformers' logits processors: repetition penalty, temperature, top-k, top-p.
+Temperature 0 (or do_sample=False) is argmax.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import GenerationConfig
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen_ids: np.ndarray, penalty: float) -> np.ndarray:
+    """HF semantics: a seen token's positive logit is divided by `penalty`, a negative one multiplied."""
+    if penalty == 1.0 or seen_ids.size == 0:
+        return logits
+    logits = logits.copy()
+    ids = np.unique(seen_ids)
+    picked = logits[ids]
+    logits[ids] = np.where(picked < 0, picked * penalty, picked / penalty)
+    return logits
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= logits.size:
+        return logits
+    kth_largest = np.partition(logits, -k)[-k]
+    return np.where(logits < kth_largest, -np.inf, logits)
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of most likely tokens whose probability reaches `p` (nucleus sampling)."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, kind="stable")
+    probs = softmax(logits[order])
+    # keep a token while the mass *before* it is below p, so the top token always survives
+    keep_sorted = (np.cumsum(probs) - probs) < p
+    keep = np.zeros_like(keep_sorted)
+    keep[order] = keep_sorted
+    return np.where(keep, logits, -np.inf)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - np.max(x))
+    return z / z.sum()
+
+
+def choose_token(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator,
+                 seen_ids: np.ndarray) -> int:
+    """One row of logits [V] -> the next token id."""
+    logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen_ids, config.repetition_penalty)
+    if config.greedy:
+        return int(np.argmax(logits))
+    logits = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
+    probs = softmax(logits.astype(np.float64))
+    return int(rng.choice(probs.size, p=probs))
+
+
+def row_generators(seed: int | None, rows: int) -> list[np.random.Generator]:
+    """One generator per row, each seeded as if its prompt were generated alone."""
+    return [np.random.default_rng(seed) for _ in range(rows)]

@@ -1,0 +1,6 @@
+"""Export GPT-2-family checkpoints to ONNX (needs the `export` extra: torch, transformers, optimum)."""
+
+from .convert import ExportResult, export_model
+from .load import PRESETS
+
+__all__ = ["ExportResult", "PRESETS", "export_model"]

@@ -1,0 +1,102 @@
+"""Torch model -> Optimum's ONNX graph (`text-generation-with-past`): the reference graph.
+
+One graph takes `input_ids`, `attention_mask`, `position_ids` and `past_key_values.{i}.key/value`
+(empty on the first step) and returns `logits` and `present.{i}.key/value`. Two fixes on top of
+Optimum's output: the tied LM head reads the embedding table instead of storing a transposed copy,
+and models over 2 GB keep their weights in one external data file.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx.data"
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # stay clear of protobuf's 2 GiB ceiling
+EMBEDDING = "transformer.wte.weight"
+
+
+def export_reference_graph(model, work_dir: Path) -> Path:
+    """Write `model.onnx` (and its data file when large) into `work_dir`; returns the model path."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    raw_dir = work_dir / "optimum"
+    with warnings.catch_warnings(), _quiet_loggers():
+        warnings.simplefilter("ignore")
+        onnx_export_from_model(model, raw_dir, task="text-generation-with-past", do_validation=False)
+    graph = onnx.load(str(raw_dir / MODEL_FILE))
+    untie_lm_head_copy(graph)
+    path = work_dir / MODEL_FILE
+    save_model(graph, path)
+    _remove_tree(raw_dir)
+    return path
+
+
+def untie_lm_head_copy(model: onnx.ModelProto) -> bool:
+    """Replace the LM head's stored copy of wte^T by a Transpose of wte (saves vocab x n_embd x 4 bytes).
+
+    torch.onnx traces `lm_head.weight` (tied to wte) as a separate, pre-transposed initializer.
+    onnxruntime folds the Transpose once at load time, so the run-time graph is unchanged.
+    """
+    inits = {init.name: init for init in model.graph.initializer}
+    if EMBEDDING not in inits:
+        return False
+    wte = numpy_helper.to_array(inits[EMBEDDING])
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]]
+        if tuple(weight.dims) != wte.shape[::-1] or not np.array_equal(numpy_helper.to_array(weight), wte.T):
+            continue
+        transposed = "lm_head.weight_transposed"
+        model.graph.node.insert(0, helper.make_node("Transpose", [EMBEDDING], [transposed], perm=[1, 0],
+                                                    name="/lm_head/Transpose"))
+        model.graph.initializer.remove(weight)
+        for consumer in model.graph.node:
+            for i, name in enumerate(consumer.input):
+                if name == weight.name:
+                    consumer.input[i] = transposed
+        return True
+    return False
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save in one file, or with one external data file beside it when over protobuf's limit."""
+    if weight_bytes(model) > PROTOBUF_LIMIT:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Initializer bytes, counted from shapes (ByteSize() itself fails past 2 GiB)."""
+    sizes = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT64: 8}
+    return int(sum(np.prod(i.dims, dtype=np.int64) * sizes.get(i.data_type, 1) for i in model.graph.initializer))
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class _quiet_loggers:
+    """Optimum and torch.onnx log tracer warnings that mean nothing to a user of this tool."""
+
+    names = ("optimum", "transformers", "torch.onnx")
+
+    def __enter__(self):
+        self.levels = {n: logging.getLogger(n).level for n in self.names}
+        for name in self.names:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)

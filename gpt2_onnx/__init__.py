@@ -1,0 +1,7 @@
+"""gpt2-onnx: export GPT-2 checkpoints to ONNX and decode them fast with onnxruntime.
+
+`gpt2_onnx.engine` is the run-time half (onnxruntime, numpy, tokenizers); `gpt2_onnx.export` needs
+torch and transformers and is imported only when exporting.
+"""
+
+__version__ = "0.1.0"

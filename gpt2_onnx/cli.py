@@ -1,0 +1,99 @@
+"""`gpt2-onnx VERB ...`: export, generate (more verbs join as they are built).
+
+Each verb is a `add_<verb>(subparsers)` + `run_<verb>(args)` pair; errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpt2_onnx.errors import Gpt2OnnxError
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a GPT-2 checkpoint to an ONNX folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", help="hub id (gpt2, distilgpt2, ...), a local checkpoint folder, or random:<preset>")
+    p.add_argument("out_dir", help="folder to write (refused if it exists and is not empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+
+
+def run_export(args) -> None:
+    from gpt2_onnx.export import export_model
+
+    export_model(args.source, args.out_dir, force=args.force)
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    from gpt2_onnx.engine import GenerationConfig
+
+    d = GenerationConfig()
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--min-new-tokens", type=int, default=d.min_new_tokens)
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; setting it (> 0) turns sampling on (default: greedy)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="1.0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    r = p.add_argument_group("runtime")
+    r.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    r.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all CPUs)")
+
+
+def generation_config(args):
+    from gpt2_onnx.engine import GenerationConfig
+
+    sampling = (args.temperature is not None and args.temperature > 0) or args.top_k > 0 or args.top_p < 1.0
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=sampling,
+        temperature=args.temperature if args.temperature is not None else 1.0, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), seed=args.seed)
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt, printing tokens as they come",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", help="a folder written by `gpt2-onnx export`")
+    p.add_argument("prompt")
+    add_generation_options(p)
+
+
+def run_generate(args) -> None:
+    from gpt2_onnx.engine import Engine
+
+    engine = Engine(args.model_dir, provider=args.provider, threads=args.threads)
+    config = generation_config(args)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for piece in engine.stream(args.prompt, config):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+VERBS = {"export": (add_export, run_export), "generate": (add_generate, run_generate)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpt2-onnx", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for add, _ in VERBS.values():
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        VERBS[args.verb][1](args)
+    except Gpt2OnnxError as exc:
+        print(f"gpt2-onnx {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gpt2-onnx {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
