@@ -192,7 +192,7 @@ def _is_single(prompts) -> bool:
     if isinstance(prompts, str):
         return True
     if isinstance(prompts, Sequence) and len(prompts) == 0:
-        raise Gpt2OnnxError("no prompts given; pass a string, a list of token ids, or a list of either")
+        raise Gpt2OnnxError("the prompt list is empty; pass a string, a list of token ids, or a list of either")
     return isinstance(prompts, (Sequence, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompts)
 
 

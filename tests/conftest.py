@@ -1,0 +1,65 @@
+"""Fixtures: tiny random GPT-2 checkpoints (made here, no network) and their exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TRAINED = SHARED / "models" / "gpt2-tiny-trained"
+EVAL_TEXT = SHARED / "eval" / "prose.txt"
+
+# Wider-than-default init so logits are peaked: greedy choices are then far from ties, and
+# token-for-token comparisons with PyTorch test the graph, not rounding noise.
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, initializer_range=0.2)
+
+
+def make_checkpoint(folder: Path, seed: int = 0, **overrides) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt2_onnx.export.load import gpt2_tokenizer
+
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(**{**TINY, **overrides})).save_pretrained(folder)
+    gpt2_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_torch_model(tiny_checkpoint):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    from gpt2_onnx.export import export_model
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny"
+    export_model(str(tiny_checkpoint), out, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_export):
+    from gpt2_onnx.engine import Engine
+
+    return Engine(tiny_export, threads=1)
+
+
+def cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs onnxruntime-gpu and a CUDA device")

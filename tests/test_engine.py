@@ -1,0 +1,195 @@
+"""The engine against PyTorch: greedy tokens, logits at every step, the KV cache, sampling, errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2_onnx.engine import Engine, GenerationConfig
+from gpt2_onnx.errors import Gpt2OnnxError
+
+PROMPTS = {
+    "ascii": "The quick brown fox jumps over the lazy dog",
+    "non-ascii": "Übermäßig schöne Grüße aus Köln — ça va? 東京では雨が降っている",
+    "emoji": "I love pizza 🍕🍕 and rockets 🚀!",
+    "one-token": "Hello",
+    "long": " ".join(f"Sentence number {i} talks about topic {i * 7 % 13}." for i in range(7)),
+    "code": "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+}
+
+
+def torch_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             pad_token_id=model.config.eos_token_id)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS.values(), ids=PROMPTS.keys())
+def test_greedy_tokens_match_transformers_generate(tiny_engine, tiny_torch_model, prompt):
+    ids = tiny_engine.encode(prompt)
+    if prompt == PROMPTS["one-token"]:
+        assert len(ids) == 1
+    config = GenerationConfig(max_new_tokens=32, min_new_tokens=32)
+    result = tiny_engine.generate(prompt, config)
+    assert result.token_ids == torch_greedy(tiny_torch_model, ids, 32)
+    assert result.finish_reason == "length" and result.prompt_tokens == len(ids)
+
+
+def test_logits_match_torch_at_prefill_and_every_decode_step(tiny_engine, tiny_torch_model):
+    ids = tiny_engine.encode(PROMPTS["ascii"])
+    decoder = tiny_engine.new_decoder()
+    prompt = np.array([ids], np.int64)
+    onnx_logits = [decoder.prefill(prompt, np.ones_like(prompt))[0]]
+    sequence = list(ids)
+    for _ in range(16):
+        sequence.append(int(onnx_logits[-1].argmax()))
+        onnx_logits.append(decoder.decode(np.array([sequence[-1]]))[0])
+    with torch.inference_mode():
+        full = tiny_torch_model(torch.tensor([sequence])).logits[0].numpy()
+    expected = full[len(ids) - 1:]  # the position of each prediction
+    for step, (got, want) in enumerate(zip(onnx_logits, expected)):
+        assert np.abs(got - want).max() <= 1e-4, f"step {step}: max |Δ| {np.abs(got - want).max():.2e}"
+
+
+def test_kv_cache_decode_matches_full_recompute(tiny_engine):
+    ids = tiny_engine.encode(PROMPTS["long"])
+    cached = tiny_engine.new_decoder()
+    prompt = np.array([ids[:10]], np.int64)
+    cached.prefill(prompt, np.ones_like(prompt))
+    for position in range(10, len(ids)):
+        step_logits = cached.decode(np.array([ids[position]]))[0]
+        whole = np.array([ids[: position + 1]], np.int64)
+        recomputed = tiny_engine.new_decoder().prefill(whole, np.ones_like(whole))[0]
+        np.testing.assert_allclose(step_logits, recomputed, atol=1e-4, rtol=0)
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny_engine):
+    sample = dict(max_new_tokens=24, min_new_tokens=24, do_sample=True, temperature=1.0, top_p=0.95)
+    first = tiny_engine.generate("Once upon a time", GenerationConfig(seed=7, **sample))
+    again = tiny_engine.generate("Once upon a time", GenerationConfig(seed=7, **sample))
+    others = {tuple(tiny_engine.generate("Once upon a time", GenerationConfig(seed=s, **sample)).token_ids)
+              for s in (8, 9, 10)}
+    assert first.token_ids == again.token_ids and first.text == again.text
+    assert tuple(first.token_ids) not in others or len(others) > 1
+
+
+def test_top_k_one_equals_greedy(tiny_engine):
+    greedy = tiny_engine.generate("Once upon a time", max_new_tokens=20, min_new_tokens=20)
+    top1 = tiny_engine.generate("Once upon a time", max_new_tokens=20, min_new_tokens=20, do_sample=True,
+                                top_k=1, temperature=0.7, seed=3)
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_repetition_penalty_matches_transformers(tiny_engine, tiny_torch_model):
+    ids = tiny_engine.encode(PROMPTS["ascii"])
+    got = tiny_engine.generate(ids, max_new_tokens=20, min_new_tokens=20, repetition_penalty=1.3)
+    with torch.inference_mode():
+        want = tiny_torch_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=20,
+                                         min_new_tokens=20, repetition_penalty=1.3,
+                                         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                         pad_token_id=50256)[0, len(ids):].tolist()
+    assert got.token_ids == want
+
+
+def test_batch_matches_single(tiny_engine):
+    prompts = [PROMPTS["ascii"], PROMPTS["one-token"], PROMPTS["emoji"]]
+    config = GenerationConfig(max_new_tokens=16, min_new_tokens=16)
+    batched = tiny_engine.generate(prompts, config)
+    assert [r.token_ids for r in batched] == [tiny_engine.generate(p, config).token_ids for p in prompts]
+
+
+def test_stop_string_ends_generation_and_is_cut(tiny_engine):
+    full = tiny_engine.generate("Once upon a time", max_new_tokens=30, min_new_tokens=30)
+    stop = full.text[len(full.text) // 2:][:3]
+    assert stop.strip(), full.text
+    result = tiny_engine.generate("Once upon a time", max_new_tokens=30, stop=[stop])
+    assert result.finish_reason == "stop"
+    assert result.text == full.text[: full.text.find(stop)]
+
+
+def test_stream_yields_the_same_text_as_generate(tiny_engine):
+    config = GenerationConfig(max_new_tokens=24, min_new_tokens=24)
+    pieces = list(tiny_engine.stream(PROMPTS["emoji"], config))
+    # the joined pieces equal the final text, so no piece ended inside a character
+    assert "".join(pieces) == tiny_engine.generate(PROMPTS["emoji"], config).text
+    assert len(pieces) > 1
+
+
+def test_stream_holds_back_partial_characters_and_stop_prefixes(tiny_engine):
+    from gpt2_onnx.engine.generate import _safe_end
+
+    pizza = tiny_engine.encode("a🍕")
+    assert len(pizza) > 2  # the emoji's bytes span several tokens
+    partial = tiny_engine.tokenizer.decode(pizza[:-1])
+    assert partial.endswith("\ufffd") and _safe_end(partial, ()) == 1
+    assert _safe_end("hello wor", ("world",)) == len("hello ")
+    assert _safe_end("hello", ("world",)) == len("hello")
+
+
+def test_timings_are_reported(tiny_engine):
+    result = tiny_engine.generate("Hello", max_new_tokens=8, min_new_tokens=8)
+    assert result.timings.prefill_ms > 0 and result.timings.per_token_ms > 0
+    assert result.timings.total_ms >= result.timings.prefill_ms
+
+
+def test_prompt_longer_than_context_fails_before_any_work(tiny_engine):
+    with pytest.raises(Gpt2OnnxError, match="exceeds the model's context of 128"):
+        tiny_engine.generate([1] * 100, max_new_tokens=29)
+    tiny_engine.generate([1] * 100, max_new_tokens=28)  # exactly fits
+
+
+@pytest.mark.parametrize("prompt", ["", []], ids=["empty-text", "empty-ids"])
+def test_empty_prompt_is_refused(tiny_engine, prompt):
+    with pytest.raises(Gpt2OnnxError, match="empty"):
+        tiny_engine.generate(prompt)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(Gpt2OnnxError, match="top_p"):
+        GenerationConfig(top_p=0)
+
+
+def test_missing_or_corrupt_model_file_names_the_file(tiny_export, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_export, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(Gpt2OnnxError, match=r"broken/model\.onnx"):
+        Engine(broken)
+    (broken / "model.onnx").unlink()
+    with pytest.raises(Gpt2OnnxError, match=r"broken/model\.onnx is missing"):
+        Engine(broken)
+    with pytest.raises(Gpt2OnnxError, match="does not exist"):
+        Engine(tmp_path / "nowhere")
+
+
+def test_cuda_provider_says_what_is_missing(tiny_export):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(Gpt2OnnxError, match="onnxruntime-gpu"):
+        Engine(tiny_export, provider="cuda")
+
+
+def test_engine_import_needs_no_torch_or_transformers():
+    code = ("import sys; import gpt2_onnx.engine; "
+            "bad = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plain_optimum_cli_folder_loads(tiny_checkpoint, tiny_engine, tmp_path):
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(tiny_checkpoint), output=tmp_path / "optimum", task="text-generation-with-past",
+                do_validation=False)
+    engine = Engine(tmp_path / "optimum", threads=1)
+    config = GenerationConfig(max_new_tokens=12, min_new_tokens=12)
+    assert engine.generate("Hello there", config).token_ids == tiny_engine.generate("Hello there", config).token_ids

@@ -1,0 +1,103 @@
+"""Export: manifest, parity, the tied LM head stored once, and the folder written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from gpt2_onnx.errors import Gpt2OnnxError
+from gpt2_onnx.export import export_model
+
+from .conftest import TINY, make_checkpoint
+
+
+def test_manifest_records_parity_io_and_hashes(tiny_export):
+    manifest = json.loads((tiny_export / "gpt2_onnx.json").read_text())
+    assert manifest["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert manifest["parity"]["greedy_tokens_match"]
+    assert manifest["parity"]["decode_steps"] == 8
+    assert manifest["precision"] == "fp32"
+    assert manifest["config"]["n_layer"] == TINY["n_layer"]
+    inputs = [io["name"] for io in manifest["io"]["inputs"]]
+    outputs = [io["name"] for io in manifest["io"]["outputs"]]
+    assert {"input_ids", "attention_mask", "position_ids", "past_key_values.1.value"} <= set(inputs)
+    assert {"logits", "present.0.key", "present.1.value"} <= set(outputs)
+    assert set(manifest["files"]) >= {"model.onnx", "tokenizer.json", "config.json"}
+    assert all(manifest["versions"][p] for p in ("torch", "transformers", "onnx", "onnxruntime"))
+
+
+def test_tied_lm_head_is_stored_once(tiny_export):
+    model = onnx.load(str(tiny_export / "model.onnx"))
+    vocab, width = 50257, TINY["n_embd"]
+    big = [init.name for init in model.graph.initializer if vocab in init.dims]
+    assert big == ["transformer.wte.weight"], big
+    weights = sum(np.prod(i.dims) for i in model.graph.initializer) * 4
+    assert (tiny_export / "model.onnx").stat().st_size < weights * 1.05
+
+
+def test_refuses_non_empty_out_dir_without_force(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(Gpt2OnnxError, match="--force"):
+        export_model(str(tiny_checkpoint), out, log=lambda _: None)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_model(str(tiny_checkpoint), out, force=True, log=lambda _: None)
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failed_export_leaves_nothing_behind(tiny_checkpoint, tmp_path, monkeypatch):
+    import gpt2_onnx.export.parity as parity
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure half-way")
+
+    monkeypatch.setattr(parity, "measure_parity", broken)
+    with pytest.raises(RuntimeError, match="half-way"):
+        export_model(str(tiny_checkpoint), tmp_path / "out", log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("source, message", [
+    ("random:gpt5", "unknown preset"),
+    ("./no/such/folder", "no such folder"),
+], ids=["unknown-preset", "missing-folder"])
+def test_bad_source_names_the_accepted_forms(source, message, tmp_path):
+    with pytest.raises(Gpt2OnnxError, match=message):
+        export_model(source, tmp_path / "out", log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_without_weights_or_wrong_architecture(tiny_checkpoint, tmp_path):
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    with pytest.raises(Gpt2OnnxError, match="no weights"):
+        export_model(str(no_weights), tmp_path / "a", log=lambda _: None)
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(Gpt2OnnxError, match="only GPT-2"):
+        export_model(str(llama), tmp_path / "b", log=lambda _: None)
+
+
+def test_random_preset_exports(tmp_path):
+    result = export_model("random:tiny", tmp_path / "out", log=lambda _: None)
+    assert result.manifest["source_kind"] == "random"
+    assert result.manifest["parity"]["max_abs_logit_diff"] <= 1e-4
+
+
+def test_large_models_use_external_data(tmp_path, monkeypatch):
+    import gpt2_onnx.export.to_onnx as to_onnx
+
+    monkeypatch.setattr(to_onnx, "PROTOBUF_LIMIT", 1_000_000)  # pretend the tiny model is over 2 GB
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    result = export_model(str(ckpt), tmp_path / "out", log=lambda _: None)
+    assert (result.out_dir / "model.onnx.data").exists()
+    assert (result.out_dir / "model.onnx").stat().st_size < 1_000_000
+    assert result.manifest["parity"]["max_abs_logit_diff"] <= 1e-4
