@@ -16,7 +16,7 @@ import numpy as np
 from gpt2_onnx.errors import Gpt2OnnxError
 
 from .config import GenerationConfig, GenerationResult, Timings
-from .kv_cache import ConcatCacheDecoder
+from .kv_cache import ConcatCacheDecoder, SharedBufferDecoder
 from .sampling import choose_token, row_generators
 from .session import create_session, load_tokenizer, read_model_info
 
@@ -70,9 +70,10 @@ class Engine:
             raise Gpt2OnnxError(f"token ids must be in [0, {self.info.vocab_size}); got {min(ids)}..{max(ids)}")
         return ids
 
-    def new_decoder(self) -> ConcatCacheDecoder:
+    def new_decoder(self) -> ConcatCacheDecoder | SharedBufferDecoder:
         """A fresh KV cache over this engine's session (one per generation)."""
-        return ConcatCacheDecoder(self.session, self.info, self.provider)
+        kind = SharedBufferDecoder if self.info.graph == "fast" else ConcatCacheDecoder
+        return kind(self.session, self.info, self.provider)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -84,7 +85,8 @@ class Engine:
         input_ids, attention_mask = left_pad([row.prompt for row in rows], pad_id=self.info.eos_token_id)
 
         start = time.perf_counter()
-        logits = decoder.prefill(input_ids, attention_mask)  # [B, V] at each prompt's last token
+        max_length = max(len(row.prompt) for row in rows) + config.max_new_tokens
+        logits = decoder.prefill(input_ids, attention_mask, max_length)  # [B, V] at each prompt's last token
         prefill_ms = (time.perf_counter() - start) * 1e3
         for row in rows:
             row.prefill_ms = prefill_ms

@@ -100,3 +100,16 @@ class _quiet_loggers:
     def __exit__(self, *exc):
         for name, level in self.levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def export_fast_graph(model, work_dir: Path, quant) -> tuple[Path, float]:
+    """Write the op-by-op fast graph (see builder.py) at `quant`'s precision; returns its path and the
+    quantizer's max weight error."""
+    from .builder import GraphShape, build_graph
+
+    weights = {name.removeprefix("transformer."): tensor.detach().float().numpy()
+               for name, tensor in model.state_dict().items() if not name.endswith(".attn.bias")}
+    graph, max_error = build_graph(weights, GraphShape.from_config(model.config), quant)
+    path = work_dir / MODEL_FILE
+    save_model(graph, path)
+    return path, max_error

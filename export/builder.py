@@ -1,0 +1,216 @@
+"""The fast graph: GPT-2 written op by op from the weights, as onnxruntime-genai's model builder does.
+
+Per layer (com.microsoft contrib ops, fused kernels on CPU and CUDA):
+
+    h, residual ──► qkv = Linear(h) ──► GroupQueryAttention(packed qkv, past/present KV buffer)
+                                           │
+    h, residual ◄── SkipLayerNorm(attn_proj + bias + residual) ◄── Linear(attn)
+         │
+         └─► Linear(c_fc) ─► FastGelu(+bias) ─► Linear(c_proj) ─► SkipLayerNorm(... next layer's ln_1 or ln_f)
+
+The KV cache is one buffer per layer and kind, [B, H, T_max, D], bound as both `past_key_values.{i}.*`
+and `present.{i}.*`: GroupQueryAttention writes only the new rows. `seqlens_k[b]` is the number of tokens
+in row b's cache after this step minus one; `total_sequence_length` the longest row's count. Only the
+last position reaches the LM head, which reads the (possibly quantized) embedding table stored once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .quantize import QuantConfig, quantize_blockwise, quantize_per_channel_int8
+
+OPSET = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+
+
+@dataclass(frozen=True)
+class GraphShape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int
+    vocab_size: int
+    layer_norm_epsilon: float
+
+    @classmethod
+    def from_config(cls, config) -> GraphShape:
+        return cls(config.n_layer, config.n_head, config.n_embd, config.n_positions, config.vocab_size,
+                   config.layer_norm_epsilon)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class GraphWriter:
+    """Collects nodes and initializers; names follow `/model/layers.{i}/attn/qkv_proj/MatMul`."""
+
+    def __init__(self, quant: QuantConfig) -> None:
+        self.quant = quant
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.max_weight_error = 0.0
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        array = array if array.flags.c_contiguous else array.copy()  # (ascontiguousarray would make 0-d 1-d)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        outputs = [f"{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None, **attrs))
+        return outputs
+
+    def linear(self, name: str, x: str, weight_kn: np.ndarray, bias: np.ndarray | None = None) -> str:
+        """x @ W (+ bias) at the block precision: MatMul, DynamicQuantizeMatMul (int8) or MatMulNBits (int4)."""
+        k, n = weight_kn.shape
+        bits = self.quant.block_bits
+        if bits == 4:
+            q = quantize_blockwise(weight_kn, 4, self.quant.block_size, self.quant.symmetric)
+            self.max_weight_error = max(self.max_weight_error, q.max_abs_error)
+            inputs = [x, self.weight(f"{name}.qweight", q.packed), self.weight(f"{name}.scales", q.scales.reshape(-1)),
+                      self.weight(f"{name}.zeros", q.zero_points) if q.zero_points is not None else "", "",
+                      self.weight(f"{name}.bias", bias) if bias is not None else ""]
+            return self.op("MatMulNBits", _trim(inputs), f"{name}/MatMulNBits", domain="com.microsoft", K=k, N=n,
+                           bits=4, block_size=self.quant.block_size, accuracy_level=self.quant.accuracy_level)[0]
+        if bits == 8:
+            q8, scales, error = quantize_per_channel_int8(weight_kn)
+            self.max_weight_error = max(self.max_weight_error, error)
+            inputs = [x, self.weight(f"{name}.qweight", q8), self.weight(f"{name}.scales", scales), "",
+                      self.weight(f"{name}.bias", bias) if bias is not None else ""]
+            return self.op("DynamicQuantizeMatMul", _trim(inputs), f"{name}/DynamicQuantizeMatMul",
+                           domain="com.microsoft")[0]
+        out = self.op("MatMul", [x, self.weight(f"{name}.weight", weight_kn)], f"{name}/MatMul")[0]
+        if bias is None:
+            return out
+        return self.op("Add", [out, self.weight(f"{name}.bias", bias)], f"{name}/Add")[0]
+
+    def skip_layer_norm(self, name: str, x: str, skip: str, weights: dict, prefix: str, eps: float,
+                        bias: np.ndarray | None = None) -> tuple[str, str]:
+        """LayerNorm(x + skip + bias) and the sum itself (the new residual), in one kernel."""
+        inputs = [x, skip, self.weight(f"{prefix}.weight", weights[f"{prefix}.weight"]),
+                  self.weight(f"{prefix}.bias", weights[f"{prefix}.bias"])]
+        if bias is not None:
+            inputs.append(self.weight(f"{name}.skip_bias", bias))
+        outs = self.op("SkipLayerNormalization", inputs, f"{name}/SkipLayerNorm", n_out=4, domain="com.microsoft",
+                       epsilon=eps)
+        self.nodes[-1].output[1:3] = ["", ""]  # mean and inverse std are not needed
+        return outs[0], outs[3]
+
+
+def build_graph(weights: dict[str, np.ndarray], shape: GraphShape, quant: QuantConfig) -> tuple[onnx.ModelProto, float]:
+    """Weights (HF GPT-2 state dict as numpy, `transformer.` prefix removed) -> the fast graph and the
+    largest weight error its quantizer made (0 for fp32)."""
+    g = GraphWriter(quant)
+    w = weights
+    embed, lm_head = _embedding_and_head(g, w["wte.weight"], shape)
+    tokens = embed("input_ids")
+    positions = g.op("Gather", [g.weight("wpe.weight", w["wpe.weight"]), "position_ids"], "/model/embed_positions/Gather")[0]
+    h, residual = g.skip_layer_norm("/model/layers.0/input_layernorm", tokens, positions, w, "h.0.ln_1",
+                                    shape.layer_norm_epsilon)
+    for i in range(shape.n_layer):
+        p, name = f"h.{i}", f"/model/layers.{i}"
+        qkv = g.linear(f"{name}/attn/qkv_proj", h, w[f"{p}.attn.c_attn.weight"], w[f"{p}.attn.c_attn.bias"])
+        attn, present_k, present_v = g.op(
+            "GroupQueryAttention", [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                                    "seqlens_k", "total_sequence_length"],
+            f"{name}/attn/GroupQueryAttention", n_out=3, domain="com.microsoft",
+            num_heads=shape.n_head, kv_num_heads=shape.n_head)
+        g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
+        attn_out = g.linear(f"{name}/attn/o_proj", attn, w[f"{p}.attn.c_proj.weight"])
+        h, residual = g.skip_layer_norm(f"{name}/post_attention_layernorm", attn_out, residual, w, f"{p}.ln_2",
+                                        shape.layer_norm_epsilon, bias=w[f"{p}.attn.c_proj.bias"])
+        up = g.linear(f"{name}/mlp/fc", h, w[f"{p}.mlp.c_fc.weight"])
+        act = g.op("FastGelu", [up, g.weight(f"{name}/mlp/fc.bias", w[f"{p}.mlp.c_fc.bias"])],
+                   f"{name}/mlp/FastGelu", domain="com.microsoft")[0]
+        down = g.linear(f"{name}/mlp/proj", act, w[f"{p}.mlp.c_proj.weight"])
+        next_norm = f"h.{i + 1}.ln_1" if i + 1 < shape.n_layer else "ln_f"
+        h, residual = g.skip_layer_norm(f"/model/layers.{i + 1}/input_layernorm", down, residual, w, next_norm,
+                                        shape.layer_norm_epsilon, bias=w[f"{p}.mlp.c_proj.bias"])
+    last = g.op("Gather", [h, g.weight("last_position", np.array(-1, np.int64))], "/model/last_position/Gather",
+                axis=1)[0]  # [B, S, E] -> [B, E]: the LM head runs for the last position only
+    logits = lm_head(last)
+    g.nodes[-1].output[0] = "logits"
+    return _model(g, shape), g.max_weight_error
+
+
+def _embedding_and_head(g: GraphWriter, wte: np.ndarray, shape: GraphShape):
+    """One copy of the [V, E] table serves both the token embedding and the tied LM head."""
+    bits = g.quant.head_bits
+    if bits == 4:
+        q = quantize_blockwise(wte.T, 4, g.quant.block_size, g.quant.symmetric)  # N = V rows, K = E
+        g.max_weight_error = max(g.max_weight_error, q.max_abs_error)
+        table = g.weight("wte.qweight", q.packed)  # [V, E/block, block/2]
+        scales = g.weight("wte.scales", q.scales.reshape(-1))
+        zeros = g.weight("wte.zeros", q.zero_points) if q.zero_points is not None else ""
+        gather_scales = g.op("Reshape", [scales, g.weight("wte.scales_shape", np.array([shape.vocab_size, -1, 1]))],
+                             "/model/embed_tokens/scales/Reshape")[0]
+        gather_zeros = ""
+        if zeros:
+            gather_zeros = g.op("Reshape", [zeros, g.weight("wte.zeros_shape", np.array([shape.vocab_size, -1, 1]))],
+                                "/model/embed_tokens/zeros/Reshape")[0]
+
+        def embed(ids: str) -> str:
+            return g.op("GatherBlockQuantized", _trim([table, ids, gather_scales, gather_zeros]),
+                        "/model/embed_tokens/GatherBlockQuantized", domain="com.microsoft", gather_axis=0,
+                        quantize_axis=2, block_size=g.quant.block_size, bits=4)[0]
+
+        def head(x: str) -> str:
+            return g.op("MatMulNBits", _trim([x, table, scales, zeros]), "/lm_head/MatMulNBits", domain="com.microsoft",
+                        K=shape.n_embd, N=shape.vocab_size, bits=4, block_size=g.quant.block_size,
+                        accuracy_level=g.quant.accuracy_level)[0]
+        return embed, head
+    if bits == 8:
+        q8, scales, error = quantize_per_channel_int8(wte.T)  # int8 [E, V], one scale per vocab entry
+        g.max_weight_error = max(g.max_weight_error, error)
+        table, scale = g.weight("wte.qweight", q8), g.weight("wte.scales", scales)
+
+        def embed(ids: str) -> str:
+            # columns of the [E, V] int8 table, rescaled: [E, B, S] -> [B, S, E] * scale[ids]
+            cols = g.op("Gather", [table, ids], "/model/embed_tokens/Gather", axis=1)[0]
+            cols = g.op("Cast", [cols], "/model/embed_tokens/Cast", to=TensorProto.FLOAT)[0]
+            rows = g.op("Transpose", [cols], "/model/embed_tokens/Transpose", perm=[1, 2, 0])[0]
+            row_scale = g.op("Gather", [scale, ids], "/model/embed_tokens/scales/Gather")[0]
+            row_scale = g.op("Unsqueeze", [row_scale, g.weight("axis_last", np.array([-1]))],
+                             "/model/embed_tokens/scales/Unsqueeze")[0]
+            return g.op("Mul", [rows, row_scale], "/model/embed_tokens/Mul")[0]
+
+        def head(x: str) -> str:
+            return g.op("DynamicQuantizeMatMul", [x, table, scale], "/lm_head/DynamicQuantizeMatMul",
+                        domain="com.microsoft")[0]
+        return embed, head
+    table = g.weight("wte.weight", wte)
+
+    def embed_fp32(ids: str) -> str:
+        return g.op("Gather", [table, ids], "/model/embed_tokens/Gather")[0]
+
+    def head_fp32(x: str) -> str:
+        return g.op("Gemm", [x, table], "/lm_head/Gemm", transB=1)[0]  # x @ wte^T without a transposed copy
+    return embed_fp32, head_fp32
+
+
+def _model(g: GraphWriter, shape: GraphShape) -> onnx.ModelProto:
+    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    cache = ["batch_size", shape.n_head, "max_sequence_length", shape.head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("seqlens_k", i32, ["batch_size"]),
+              helper.make_tensor_value_info("total_sequence_length", i32, [])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", shape.vocab_size])]
+    for i in range(shape.n_layer):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, cache))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32, cache))
+    graph = helper.make_graph(g.nodes, "gpt2", inputs, outputs, g.initializers)
+    return helper.make_model(graph, opset_imports=OPSET, producer_name="gpt2-onnx")
+
+
+def _trim(inputs: list[str]) -> list[str]:
+    """Optional inputs may be left out at the end only."""
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    return inputs

@@ -1,0 +1,146 @@
+"""Weight quantization: block-wise int4/int8 for com.microsoft MatMulNBits (and GatherBlockQuantized).
+
+`QuantConfig` is the explicit recipe (never guessed from a file name). The math follows MatMulNBits'
+layout: a weight W [K, N] is stored transposed and blocked along K as uint8 [N, K/block, block*bits/8]
+(two 4-bit values per byte, low nibble first) with float scales [N, K/block] and, when asymmetric,
+uint8 zero points; the value is (q - zero_point) * scale, and the default zero point is 2^(bits-1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpt2_onnx.errors import Gpt2OnnxError
+
+BLOCK_SIZES = (16, 32, 64, 128)
+PRECISIONS = ("fp32", "int8", "int4", "fp16")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    precision: str = "fp32"
+    block_size: int = 32  # along K; smaller blocks track outliers better and cost more scales
+    symmetric: bool = True  # False stores a zero point per block (min/max range, as llama.cpp's Q4_1)
+    lm_head_bits: int | None = None  # the tied embedding / LM head; None: same as the blocks
+    accuracy_level: int = 4  # MatMulNBits: 4 = activations in int8, so the CPU computes with integer dot products
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise Gpt2OnnxError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.block_size not in BLOCK_SIZES:
+            raise Gpt2OnnxError(f"block_size {self.block_size} is not supported; choose one of {BLOCK_SIZES}")
+        if self.lm_head_bits not in (None, 4, 8, 32):
+            raise Gpt2OnnxError("lm_head_bits must be 4, 8 or 32 (fp32)")
+
+    @classmethod
+    def fp32(cls) -> QuantConfig:
+        return cls("fp32")
+
+    @classmethod
+    def fp16(cls) -> QuantConfig:
+        return cls("fp16")
+
+    @classmethod
+    def int8(cls, block_size: int = 32, symmetric: bool = True) -> QuantConfig:
+        return cls("int8", block_size=block_size, symmetric=symmetric)
+
+    @classmethod
+    def int4(cls, block_size: int = 32, symmetric: bool = False, lm_head_bits: int | None = 8) -> QuantConfig:
+        return cls("int4", block_size=block_size, symmetric=symmetric, lm_head_bits=lm_head_bits)
+
+    @property
+    def block_bits(self) -> int | None:
+        return {"int8": 8, "int4": 4}.get(self.precision)
+
+    @property
+    def head_bits(self) -> int | None:
+        bits = self.lm_head_bits or self.block_bits
+        return None if bits == 32 else bits
+
+    def check_width(self, n_embd: int) -> None:
+        if self.block_bits and n_embd % self.block_size:
+            raise Gpt2OnnxError(f"block_size {self.block_size} does not divide the hidden size {n_embd}; "
+                                f"choose one of {[b for b in BLOCK_SIZES if n_embd % b == 0]}")
+
+
+@dataclass(frozen=True)
+class BlockQuantized:
+    """One weight in MatMulNBits layout, for W [K, N] (x @ W)."""
+
+    packed: np.ndarray  # uint8 [N, K/block, block*bits/8]
+    scales: np.ndarray  # float32 [N, K/block]
+    zero_points: np.ndarray | None  # uint8 [N, ceil(K/block*bits/8)] packed like the weights, or None
+    bits: int
+    block_size: int
+    max_abs_error: float  # max |W - dequantize(W)|, the quantizer's own error report
+
+    @property
+    def k(self) -> int:
+        return self.packed.shape[1] * self.block_size
+
+    @property
+    def n(self) -> int:
+        return self.packed.shape[0]
+
+
+def quantize_blockwise(weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuantized:
+    """W [K, N] -> MatMulNBits blocks. Symmetric uses the zero point 2^(bits-1) implicitly."""
+    w = np.ascontiguousarray(weight_kn.T, dtype=np.float32)  # [N, K]
+    n, k = w.shape
+    assert k % block_size == 0, f"K={k} is not a multiple of block {block_size}"
+    blocks = w.reshape(n, k // block_size, block_size)
+    qmax = 2**bits - 1
+    if symmetric:
+        # the signed extreme maps to -2^(bits-1), so the whole [-8, 7] (or [-128, 127]) range is used
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+        scales = extreme / -(2 ** (bits - 1))
+        zero = np.full(scales.shape, 2 ** (bits - 1), np.float32)
+    else:
+        low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+        scales = (high - low) / qmax
+        zero = np.clip(np.round(-low / np.where(scales == 0, 1, scales)), 0, qmax)
+    safe = np.where(scales == 0, 1, scales)[..., None]
+    q = np.clip(np.round(blocks / safe + zero[..., None]), 0, qmax).astype(np.uint8)
+    error = float(np.abs((q.astype(np.float32) - zero[..., None]) * scales[..., None] - blocks).max())
+    zero_points = None if symmetric else _pack(zero.astype(np.uint8), bits)
+    if zero_points is not None and bits == 4:
+        zero_points = zero_points.reshape(n, -1)
+    return BlockQuantized(_pack(q, bits), scales.astype(np.float32), zero_points, bits, block_size, error)
+
+
+def dequantize(q: BlockQuantized) -> np.ndarray:
+    """Back to W [K, N] in float32 (for tests and error reports)."""
+    values = _unpack(q.packed, q.bits).astype(np.float32)  # [N, K/block, block]
+    if q.zero_points is None:
+        zero = np.float32(2 ** (q.bits - 1))
+    else:
+        zero = _unpack(q.zero_points, q.bits)[:, : q.scales.shape[1], None].astype(np.float32)
+    return ((values - zero) * q.scales[..., None]).reshape(q.n, q.k).T
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return q
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return packed
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out[..., 0::2], out[..., 1::2] = packed & 0x0F, packed >> 4
+    return out
+
+
+def quantize_per_channel_int8(weight_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """W [K, N] -> int8 [K, N] and one float scale per output column (symmetric, as onnxruntime's
+    dynamic per-channel quantization); activations are quantized at run time by DynamicQuantizeMatMul."""
+    scales = np.abs(weight_kn).max(axis=0) / 127.0
+    scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
+    q = np.clip(np.round(weight_kn / scales), -127, 127).astype(np.int8)
+    error = float(np.abs(q.astype(np.float32) * scales - weight_kn).max())
+    return q, scales, error
