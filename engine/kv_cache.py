@@ -4,6 +4,7 @@ Every decoder has the same two calls, which the generation loop uses:
     prefill(input_ids [B, S], attention_mask [B, S]) -> logits [B, V] at each row's last prompt token
     decode(tokens [B]) -> logits [B, V] for the next position
 Prompts are left-padded: row b's real tokens are the last sum(attention_mask[b]) of its S columns.
+The logits returned by `decode` may be a buffer that the next call overwrites: copy them to keep them.
 """
 
 from __future__ import annotations

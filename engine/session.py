@@ -31,6 +31,7 @@ class ModelInfo:
     eos_token_id: int
     graph: str  # "reference" (Optimum's layout: past in, past+new out) or "fast" (shared KV buffer)
     precision: str
+    source: str | None  # what it was exported from, when the manifest says
 
 
 def read_model_info(model_dir: Path) -> ModelInfo:
@@ -54,6 +55,7 @@ def read_model_info(model_dir: Path) -> ModelInfo:
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
         graph=manifest.get("graph", "reference"),
         precision=manifest.get("precision", "fp32"),
+        source=manifest.get("source"),
     )
 
 

@@ -2,5 +2,6 @@
 
 from .convert import ExportResult, export_model
 from .load import PRESETS
+from .quantize import QuantConfig
 
-__all__ = ["ExportResult", "PRESETS", "export_model"]
+__all__ = ["ExportResult", "PRESETS", "QuantConfig", "export_model"]

@@ -69,14 +69,14 @@ class GraphWriter:
         """x @ W (+ bias) at the block precision: MatMul, DynamicQuantizeMatMul (int8) or MatMulNBits (int4)."""
         k, n = weight_kn.shape
         bits = self.quant.block_bits
-        if bits == 4:
-            q = quantize_blockwise(weight_kn, 4, self.quant.block_size, self.quant.symmetric)
+        if bits == 4 or (bits == 8 and self.quant.int8_kernel == "MatMulNBits"):
+            q = quantize_blockwise(weight_kn, bits, self.quant.block_size, self.quant.symmetric)
             self.max_weight_error = max(self.max_weight_error, q.max_abs_error)
             inputs = [x, self.weight(f"{name}.qweight", q.packed), self.weight(f"{name}.scales", q.scales.reshape(-1)),
                       self.weight(f"{name}.zeros", q.zero_points) if q.zero_points is not None else "", "",
                       self.weight(f"{name}.bias", bias) if bias is not None else ""]
             return self.op("MatMulNBits", _trim(inputs), f"{name}/MatMulNBits", domain="com.microsoft", K=k, N=n,
-                           bits=4, block_size=self.quant.block_size, accuracy_level=self.quant.accuracy_level)[0]
+                           bits=bits, block_size=self.quant.block_size, accuracy_level=self.quant.accuracy_level)[0]
         if bits == 8:
             q8, scales, error = quantize_per_channel_int8(weight_kn)
             self.max_weight_error = max(self.max_weight_error, error)
@@ -141,47 +141,25 @@ def build_graph(weights: dict[str, np.ndarray], shape: GraphShape, quant: QuantC
 def _embedding_and_head(g: GraphWriter, wte: np.ndarray, shape: GraphShape):
     """One copy of the [V, E] table serves both the token embedding and the tied LM head."""
     bits = g.quant.head_bits
-    if bits == 4:
-        q = quantize_blockwise(wte.T, 4, g.quant.block_size, g.quant.symmetric)  # N = V rows, K = E
+    if bits in (4, 8):
+        # block-wise, symmetric: GatherBlockQuantized reads the very bytes MatMulNBits multiplies with
+        q = quantize_blockwise(wte.T, bits, g.quant.block_size, symmetric=True)  # N = V rows, K = E
         g.max_weight_error = max(g.max_weight_error, q.max_abs_error)
-        table = g.weight("wte.qweight", q.packed)  # [V, E/block, block/2]
+        table = g.weight("wte.qweight", q.packed)  # [V, E/block, block*bits/8]
         scales = g.weight("wte.scales", q.scales.reshape(-1))
-        zeros = g.weight("wte.zeros", q.zero_points) if q.zero_points is not None else ""
         gather_scales = g.op("Reshape", [scales, g.weight("wte.scales_shape", np.array([shape.vocab_size, -1, 1]))],
                              "/model/embed_tokens/scales/Reshape")[0]
-        gather_zeros = ""
-        if zeros:
-            gather_zeros = g.op("Reshape", [zeros, g.weight("wte.zeros_shape", np.array([shape.vocab_size, -1, 1]))],
-                                "/model/embed_tokens/zeros/Reshape")[0]
 
         def embed(ids: str) -> str:
-            return g.op("GatherBlockQuantized", _trim([table, ids, gather_scales, gather_zeros]),
-                        "/model/embed_tokens/GatherBlockQuantized", domain="com.microsoft", gather_axis=0,
-                        quantize_axis=2, block_size=g.quant.block_size, bits=4)[0]
+            rows = g.op("GatherBlockQuantized", [table, ids, gather_scales], "/model/embed_tokens/GatherBlockQuantized",
+                        domain="com.microsoft", gather_axis=0, quantize_axis=2, block_size=g.quant.block_size,
+                        bits=bits)[0]  # [B, S, E/block, block]
+            return g.op("Reshape", [rows, g.weight("embed_shape", np.array([0, 0, -1]))], "/model/embed_tokens/Reshape")[0]
 
         def head(x: str) -> str:
-            return g.op("MatMulNBits", _trim([x, table, scales, zeros]), "/lm_head/MatMulNBits", domain="com.microsoft",
-                        K=shape.n_embd, N=shape.vocab_size, bits=4, block_size=g.quant.block_size,
+            return g.op("MatMulNBits", [x, table, scales], "/lm_head/MatMulNBits", domain="com.microsoft",
+                        K=shape.n_embd, N=shape.vocab_size, bits=bits, block_size=g.quant.block_size,
                         accuracy_level=g.quant.accuracy_level)[0]
-        return embed, head
-    if bits == 8:
-        q8, scales, error = quantize_per_channel_int8(wte.T)  # int8 [E, V], one scale per vocab entry
-        g.max_weight_error = max(g.max_weight_error, error)
-        table, scale = g.weight("wte.qweight", q8), g.weight("wte.scales", scales)
-
-        def embed(ids: str) -> str:
-            # columns of the [E, V] int8 table, rescaled: [E, B, S] -> [B, S, E] * scale[ids]
-            cols = g.op("Gather", [table, ids], "/model/embed_tokens/Gather", axis=1)[0]
-            cols = g.op("Cast", [cols], "/model/embed_tokens/Cast", to=TensorProto.FLOAT)[0]
-            rows = g.op("Transpose", [cols], "/model/embed_tokens/Transpose", perm=[1, 2, 0])[0]
-            row_scale = g.op("Gather", [scale, ids], "/model/embed_tokens/scales/Gather")[0]
-            row_scale = g.op("Unsqueeze", [row_scale, g.weight("axis_last", np.array([-1]))],
-                             "/model/embed_tokens/scales/Unsqueeze")[0]
-            return g.op("Mul", [rows, row_scale], "/model/embed_tokens/Mul")[0]
-
-        def head(x: str) -> str:
-            return g.op("DynamicQuantizeMatMul", [x, table, scale], "/lm_head/DynamicQuantizeMatMul",
-                        domain="com.microsoft")[0]
         return embed, head
     table = g.weight("wte.weight", wte)
 

@@ -25,6 +25,9 @@ class QuantConfig:
     symmetric: bool = True  # False stores a zero point per block (min/max range, as llama.cpp's Q4_1)
     lm_head_bits: int | None = None  # the tied embedding / LM head; None: same as the blocks
     accuracy_level: int = 4  # MatMulNBits: 4 = activations in int8, so the CPU computes with integer dot products
+    # int8 blocks: DynamicQuantizeMatMul (per-channel weights, per-tensor activations) or MatMulNBits
+    # (block-wise weights and activations: more accurate, a slower kernel on AVX2)
+    int8_kernel: str = "DynamicQuantizeMatMul"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -17,12 +17,61 @@ def add_export(sub) -> None:
     p.add_argument("source", help="hub id (gpt2, distilgpt2, ...), a local checkpoint folder, or random:<preset>")
     p.add_argument("out_dir", help="folder to write (refused if it exists and is not empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32")
+    p.add_argument("--graph", choices=["fast", "reference"], default="fast",
+                   help="fast: the engine's fused graph; reference: Optimum's plain export (fp32)")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--block-size", type=int, default=32, help="int4: weights per scale along K")
+    q.add_argument("--asymmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="store a zero point per block (default: int4 asymmetric, int8 symmetric)")
+    q.add_argument("--lm-head-bits", type=int, choices=[4, 8, 32], default=None,
+                   help="bits of the tied embedding / LM head (default: 8 for int4, 8 for int8)")
+    q.add_argument("--eval-text", default=None,
+                   help="text file for the quality measurement (default: text sampled from the fp32 model)")
+
+
+def quant_config(args):
+    from gpt2_onnx.export import QuantConfig
+
+    if args.precision == "int4":
+        defaults = QuantConfig.int4(block_size=args.block_size)
+    elif args.precision == "int8":
+        defaults = QuantConfig.int8(block_size=args.block_size)
+    else:
+        return QuantConfig.fp32()
+    symmetric = defaults.symmetric if args.asymmetric is None else not args.asymmetric
+    return QuantConfig(args.precision, block_size=args.block_size, symmetric=symmetric,
+                       lm_head_bits=args.lm_head_bits or defaults.lm_head_bits)
 
 
 def run_export(args) -> None:
     from gpt2_onnx.export import export_model
 
-    export_model(args.source, args.out_dir, force=args.force)
+    export_model(args.source, args.out_dir, quant=quant_config(args), graph=args.graph, force=args.force,
+                 eval_text=args.eval_text)
+
+
+def add_quality(sub) -> None:
+    p = sub.add_parser("quality", help="measure an export against its fp32 PyTorch source, teacher-forced",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir")
+    p.add_argument("--text", default=None, help="text file (default: text sampled from the fp32 model)")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def run_quality(args) -> None:
+    import json
+
+    from gpt2_onnx.engine import Engine
+    from gpt2_onnx.export.load import load_checkpoint
+    from gpt2_onnx.export.quality import evaluation_windows, measure_quality
+
+    engine = Engine(args.model_dir, threads=args.threads)
+    if not engine.info.source:
+        raise Gpt2OnnxError(f"{args.model_dir} has no gpt2_onnx.json naming its source; export it with gpt2-onnx")
+    checkpoint = load_checkpoint(engine.info.source)
+    windows, described = evaluation_windows(checkpoint.tokenizer, checkpoint.model, args.text)
+    print(json.dumps({"text": described, **measure_quality(checkpoint.model, engine, windows)}, indent=2))
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -75,7 +124,8 @@ def run_generate(args) -> None:
     sys.stdout.write("\n")
 
 
-VERBS = {"export": (add_export, run_export), "generate": (add_generate, run_generate)}
+VERBS = {"export": (add_export, run_export), "generate": (add_generate, run_generate),
+         "quality": (add_quality, run_quality)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,15 @@ def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_reference_export(tiny_checkpoint, tmp_path_factory) -> Path:
+    from gpt2_onnx.export import export_model
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny-reference"
+    export_model(str(tiny_checkpoint), out, graph="reference", log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_export):
     from gpt2_onnx.engine import Engine
 

@@ -50,7 +50,7 @@ def test_logits_match_torch_at_prefill_and_every_decode_step(tiny_engine, tiny_t
     sequence = list(ids)
     for _ in range(16):
         sequence.append(int(onnx_logits[-1].argmax()))
-        onnx_logits.append(decoder.decode(np.array([sequence[-1]]))[0])
+        onnx_logits.append(decoder.decode(np.array([sequence[-1]]))[0].copy())
     with torch.inference_mode():
         full = tiny_torch_model(torch.tensor([sequence])).logits[0].numpy()
     expected = full[len(ids) - 1:]  # the position of each prediction
@@ -193,3 +193,17 @@ def test_plain_optimum_cli_folder_loads(tiny_checkpoint, tiny_engine, tmp_path):
     engine = Engine(tmp_path / "optimum", threads=1)
     config = GenerationConfig(max_new_tokens=12, min_new_tokens=12)
     assert engine.generate("Hello there", config).token_ids == tiny_engine.generate("Hello there", config).token_ids
+
+
+def test_fast_graph_matches_reference_graph(tiny_engine, tiny_reference_export):
+    reference = Engine(tiny_reference_export, threads=1)
+    assert tiny_engine.info.graph == "fast" and reference.info.graph == "reference"
+    config = GenerationConfig(max_new_tokens=24, min_new_tokens=24)
+    prompts = list(PROMPTS.values())
+    assert [r.token_ids for r in tiny_engine.generate(prompts, config)] == \
+           [r.token_ids for r in reference.generate(prompts, config)]
+    ids = np.array([tiny_engine.encode(PROMPTS["code"])], np.int64)
+    fast, ref = tiny_engine.new_decoder(), reference.new_decoder()
+    np.testing.assert_allclose(fast.prefill(ids, np.ones_like(ids)), ref.prefill(ids, np.ones_like(ids)), atol=1e-4)
+    for token in (11, 262, 13):
+        np.testing.assert_allclose(fast.decode(np.array([token])), ref.decode(np.array([token])), atol=1e-4)

@@ -1,0 +1,98 @@
+"""Quantization: the quantizer's math, the op counts each precision claims, and quality on a trained model."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from gpt2_onnx.engine import Engine, GenerationConfig
+from gpt2_onnx.errors import Gpt2OnnxError
+from gpt2_onnx.export import QuantConfig, export_model
+from gpt2_onnx.export.quantize import dequantize, quantize_blockwise
+
+from .conftest import EVAL_TEXT, TINY, TRAINED
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True), (8, False)],
+                         ids=["int4-sym", "int4-asym", "int8-sym", "int8-asym"])
+def test_blockwise_roundtrip_error_is_within_half_a_step(bits, symmetric):
+    w = np.random.default_rng(0).standard_normal((96, 40)).astype(np.float32)
+    q = quantize_blockwise(w, bits, 32, symmetric)
+    assert q.packed.shape == (40, 3, 32 * bits // 8)
+    error = np.abs(dequantize(q) - w)
+    step = np.repeat(np.abs(q.scales), 32, axis=1).T  # [K, N]
+    # asymmetric rounds to the nearest level; symmetric (as llama.cpp's Q4_0) maps the signed extreme to
+    # -2^(bits-1), so values near the opposite extreme may clip by up to one step
+    assert (error <= (step if symmetric else step / 2) + 1e-6).all()
+    assert q.max_abs_error == pytest.approx(error.max(), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def quantized_exports(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantized")
+    return {name: export_model(str(tiny_checkpoint), root / name, quant=quant, eval_windows=8, log=lambda _: None)
+            for name, quant in {"int8": QuantConfig.int8(), "int4": QuantConfig.int4(),
+                                "int4-head4": QuantConfig.int4(lm_head_bits=4)}.items()}
+
+
+def op_counts(folder) -> Counter:
+    return Counter(node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node)
+
+
+def test_every_projection_is_quantized(quantized_exports):
+    layers = TINY["n_layer"]
+    int8, int4, int4_head4 = (op_counts(quantized_exports[n].out_dir) for n in ("int8", "int4", "int4-head4"))
+    for counts in (int8, int4, int4_head4):
+        assert counts["MatMul"] == 0 and counts["Gemm"] == 0, counts  # no float projection is left
+        assert counts["GatherBlockQuantized"] == 1 and counts["GroupQueryAttention"] == layers
+    assert int8["DynamicQuantizeMatMul"] == 4 * layers and int8["MatMulNBits"] == 1  # blocks + LM head
+    assert int4["MatMulNBits"] == 4 * layers + 1
+    graph = onnx.load(str(quantized_exports["int4"].out_dir / "model.onnx")).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    assert bits.pop("/lm_head/MatMulNBits") == 8 and set(bits.values()) == {4}
+    graph = onnx.load(str(quantized_exports["int4-head4"].out_dir / "model.onnx")).graph
+    assert {next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"} == {4}
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int4-head4"])
+def test_quantized_exports_generate_and_carry_their_quality(quantized_exports, name):
+    result = quantized_exports[name]
+    manifest = json.loads((result.out_dir / "gpt2_onnx.json").read_text())
+    assert manifest["precision"] == name.split("-")[0]
+    assert {"top1_agreement", "mean_kl", "perplexity_torch", "perplexity_onnx", "perplexity_ratio"} <= set(manifest["quality"])
+    assert 0 < manifest["quantization"]["max_weight_error"] < 0.5
+    out = Engine(result.out_dir).generate("Hello there", GenerationConfig(max_new_tokens=8, min_new_tokens=8))
+    assert len(out.token_ids) == 8
+
+
+@pytest.mark.parametrize("quant, message", [
+    (lambda: QuantConfig("int3"), "unknown precision"),
+    (lambda: QuantConfig.int4(block_size=48), "block_size 48 is not supported"),
+], ids=["unknown-precision", "odd-block"])
+def test_bad_quant_config_is_refused(quant, message):
+    with pytest.raises(Gpt2OnnxError, match=message):
+        quant()
+
+
+def test_block_that_does_not_divide_the_width_is_refused(tiny_checkpoint, tmp_path):
+    with pytest.raises(Gpt2OnnxError, match="does not divide the hidden size 64"):
+        export_model(str(tiny_checkpoint), tmp_path / "out", quant=QuantConfig.int4(block_size=128), log=print)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not TRAINED.exists(), reason="needs ../shared/models/gpt2-tiny-trained")
+@pytest.mark.parametrize("name, quant, min_top1, max_ratio", [
+    ("int8", QuantConfig.int8(), 0.99, 1.01),
+    ("int4", QuantConfig.int4(), 0.97, 1.03),
+], ids=["int8", "int4"])
+def test_quality_on_the_trained_fixture(tmp_path, name, quant, min_top1, max_ratio):
+    result = export_model(str(TRAINED), tmp_path / name, quant=quant, eval_text=EVAL_TEXT, eval_windows=48,
+                          log=lambda _: None)
+    quality = result.manifest["quality"]
+    assert quality["tokens"] == 48 * 128
+    assert quality["top1_agreement"] >= min_top1, quality
+    assert quality["perplexity_ratio"] <= max_ratio, quality
