@@ -15,7 +15,7 @@ import numpy as np
 from gpt2_onnx.errors import Gpt2OnnxError
 
 BLOCK_SIZES = (16, 32, 64, 128)
-PRECISIONS = ("fp32", "int8", "int4", "fp16")
+PRECISIONS = ("fp32", "int8", "int4")  # fp16 for CUDA is not built yet
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,11 @@ class QuantConfig:
         return cls("fp32")
 
     @classmethod
-    def fp16(cls) -> QuantConfig:
-        return cls("fp16")
-
-    @classmethod
     def int8(cls, block_size: int = 32, symmetric: bool = True) -> QuantConfig:
         return cls("int8", block_size=block_size, symmetric=symmetric)
 
     @classmethod
-    def int4(cls, block_size: int = 32, symmetric: bool = False, lm_head_bits: int | None = 8) -> QuantConfig:
+    def int4(cls, block_size: int = 32, symmetric: bool = True, lm_head_bits: int | None = 8) -> QuantConfig:
         return cls("int4", block_size=block_size, symmetric=symmetric, lm_head_bits=lm_head_bits)
 
     @property

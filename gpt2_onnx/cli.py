@@ -23,7 +23,7 @@ def add_export(sub) -> None:
     q = p.add_argument_group("quantization")
     q.add_argument("--block-size", type=int, default=32, help="int4: weights per scale along K")
     q.add_argument("--asymmetric", action=argparse.BooleanOptionalAction, default=None,
-                   help="store a zero point per block (default: int4 asymmetric, int8 symmetric)")
+                   help="store a zero point per block (default: symmetric, which measured as accurate and faster)")
     q.add_argument("--lm-head-bits", type=int, choices=[4, 8, 32], default=None,
                    help="bits of the tied embedding / LM head (default: 8 for int4, 8 for int8)")
     q.add_argument("--eval-text", default=None,
