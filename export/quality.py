@@ -28,7 +28,9 @@ def evaluation_windows(tokenizer, torch_model, text_file: Path | None, windows: 
         starts = np.linspace(0, len(ids) - window, count).astype(int)
         return np.stack([ids[s:s + window] for s in starts]), f"{Path(text_file).name}, {count} windows of {window}"
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # its padding-side advice does not apply to unpadded sampling
     torch.manual_seed(0)
     bos = torch.full((windows, 1), torch_model.config.bos_token_id)
     with torch.inference_mode():
@@ -40,8 +42,11 @@ def evaluation_windows(tokenizer, torch_model, text_file: Path | None, windows: 
 def measure_quality(torch_model, engine, windows: np.ndarray) -> dict:
     import torch
 
+    from tqdm import tqdm
+
     top1, kl, nll_torch, nll_onnx = [], [], [], []
-    for chunk in np.array_split(windows, max(1, len(windows) // CHUNK)):
+    chunks = np.array_split(windows, max(1, len(windows) // CHUNK))
+    for chunk in tqdm(chunks, desc="      quality", unit="chunk", leave=False):
         with torch.inference_mode():
             ref = torch.log_softmax(torch_model(torch.from_numpy(chunk)).logits.float(), -1).numpy()
         got = _log_softmax(_onnx_logits(engine, chunk))  # [B, L, V]
