@@ -56,7 +56,7 @@ class Engine:
         row = Row(self.encode(prompt), self.info.eos_token_id)
         sent = 0
         for _ in self.decode_steps([row], config):
-            text = row.text(self.tokenizer, config.stop)
+            text = row.text(self.tokenizer)
             end = len(text) if row.finish_reason else _safe_end(text, config.stop)
             if end > sent:
                 yield text[sent:end]
@@ -152,7 +152,7 @@ class Row:
             self.stop_at = min(hits)
         return bool(hits)
 
-    def text(self, tokenizer, stops: tuple[str, ...] = ()) -> str:
+    def text(self, tokenizer) -> str:
         ids = self.new_ids[:-1] if self.finish_reason == "eos" else self.new_ids
         text = tokenizer.decode(ids)
         return text[: self.stop_at] if self.stop_at is not None else text

@@ -81,7 +81,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 
 def default_threads() -> int:
-    """Physical cores if we can tell (hyper-threads slow down GEMV-bound decode), else all CPUs."""
+    """The CPUs this process may run on (its affinity mask), else all CPUs."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cpus)
 
