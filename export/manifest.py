@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-MANIFEST = "gpt2_onnx.json"
+from gpt2_onnx.engine.session import MANIFEST, MODEL_FILE
 PACKAGES = ("gpt2-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy",
             "tokenizers")
 HASH_CHUNK = 16 * 1024 * 1024
@@ -63,7 +63,7 @@ def write_manifest(folder: Path, *, source: str, source_kind: str, config: dict,
         "precision": precision,
         "config": {k: config[k] for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size",
                                           "eos_token_id", "bos_token_id", "layer_norm_epsilon")},
-        "io": graph_io(folder / "model.onnx"),
+        "io": graph_io(folder / MODEL_FILE),
         "parity": parity,
         **(extra or {}),
         "versions": package_versions(),

@@ -9,6 +9,7 @@ and models over 2 GB keep their weights in one external data file.
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-MODEL_FILE = "model.onnx"
+from gpt2_onnx.engine.session import MODEL_FILE
 EXTERNAL_DATA_FILE = "model.onnx.data"
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # stay clear of protobuf's 2 GiB ceiling
 EMBEDDING = "transformer.wte.weight"
@@ -34,7 +35,7 @@ def export_reference_graph(model, work_dir: Path) -> Path:
     untie_lm_head_copy(graph)
     path = work_dir / MODEL_FILE
     save_model(graph, path)
-    _remove_tree(raw_dir)
+    shutil.rmtree(raw_dir, ignore_errors=True)
     return path
 
 
@@ -79,12 +80,6 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     """Initializer bytes, counted from shapes (ByteSize() itself fails past 2 GiB)."""
     sizes = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT64: 8}
     return int(sum(np.prod(i.dims, dtype=np.int64) * sizes.get(i.data_type, 1) for i in model.graph.initializer))
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class _quiet_loggers:
