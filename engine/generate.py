@@ -6,6 +6,7 @@ The loop (as gpt-fast's): prefill the prompts once, then one decode step per tok
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from gpt2_onnx.errors import Gpt2OnnxError
 
 from .config import GenerationConfig, GenerationResult, Timings
 from .kv_cache import ConcatCacheDecoder, SharedBufferDecoder
-from .sampling import choose_token, row_generators
+from .sampling import choose_token
 from .session import create_session, load_tokenizer, read_model_info
 
 Prompt = str | Sequence[int]
@@ -41,10 +42,9 @@ class Engine:
         """A prompt (text or token ids) -> one result; a list of prompts -> a list, decoded as one batch."""
         config = _config(config, options)
         single = _is_single(prompts)
-        batch = [self.encode(p) for p in ([prompts] if single else prompts)]
-        rows = [Row(ids, self.info.eos_token_id) for ids in batch]
+        rows = [self.new_row(p, config) for p in ([prompts] if single else prompts)]
         started = time.perf_counter()
-        for _ in self.decode_steps(rows, config):
+        for _ in self.decode_steps(rows):
             pass
         total_ms = (time.perf_counter() - started) * 1e3
         results = [row.result(self.tokenizer, total_ms) for row in rows]
@@ -52,15 +52,15 @@ class Engine:
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **options) -> Iterator[str]:
         """Yield the continuation's text piece by piece, never splitting a character or a stop string."""
-        config = _config(config, options)
-        row = Row(self.encode(prompt), self.info.eos_token_id)
-        sent = 0
-        for _ in self.decode_steps([row], config):
-            text = row.text(self.tokenizer)
-            end = len(text) if row.finish_reason else _safe_end(text, config.stop)
-            if end > sent:
-                yield text[sent:end]
-                sent = end
+        row = self.new_row(prompt, _config(config, options))
+        for _ in self.decode_steps([row]):
+            if piece := row.unsent_text(self.tokenizer):
+                yield piece
+
+    def new_row(self, prompt: Prompt, config: GenerationConfig, seed_offset: int = 0) -> Row:
+        """A prompt ready for the loop; rows of one seed sample alike unless given different offsets."""
+        seed = None if config.seed is None else config.seed + seed_offset
+        return Row(self.encode(prompt), config, self.info.eos_token_id, np.random.default_rng(seed))
 
     def encode(self, prompt: Prompt) -> list[int]:
         ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -77,58 +77,59 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def decode_steps(self, rows: list[Row], config: GenerationConfig) -> Iterator[int]:
-        """Prefill, then decode until every row has finished; yields the step number after each token."""
-        self._check_fits(rows, config)
+    def decode_steps(self, rows: list[Row]) -> Iterator[int]:
+        """Prefill, then decode until every row has finished; yields the step number after each token.
+        A finished row leaves the batch, so later steps run only the rows still generating."""
+        self._check_fits(rows)
         decoder = self.new_decoder()
-        rngs = row_generators(config.seed, len(rows))
-        input_ids, attention_mask = left_pad([row.prompt for row in rows], pad_id=self.info.eos_token_id)
-
         start = time.perf_counter()
-        max_length = max(len(row.prompt) for row in rows) + config.max_new_tokens
-        logits = decoder.prefill(input_ids, attention_mask, max_length)  # [B, V] at each prompt's last token
-        prefill_ms = (time.perf_counter() - start) * 1e3
+        max_length = max(len(row.prompt) + row.config.max_new_tokens for row in rows)
+        logits = decoder.prefill([row.prompt for row in rows], max_length)  # [B, V] at each prompt's last token
         for row in rows:
-            row.prefill_ms = prefill_ms
-
-        for step in range(config.max_new_tokens):
-            for row, rng, row_logits in zip(rows, rngs, logits):
-                if not row.finish_reason:
-                    row.append(self._choose(row, row_logits, config, rng), config, self.tokenizer)
+            row.prefill_ms = (time.perf_counter() - start) * 1e3
+        active = list(rows)
+        for step in itertools.count():
+            for row, row_logits in zip(active, logits):
+                row.append(row.choose(row_logits), self.tokenizer)
             yield step
-            if all(row.finish_reason for row in rows):
+            drop_finished(decoder, active)
+            if not active:
                 return
-            # finished rows keep feeding their last token; their logits are ignored
             start = time.perf_counter()
-            logits = decoder.decode(np.array([row.last_token for row in rows], np.int64))
+            logits = decoder.decode(np.array([row.last_token for row in active], np.int64))
             step_ms = (time.perf_counter() - start) * 1e3
-            for row in rows:
-                if not row.finish_reason:
-                    row.decode_ms.append(step_ms)
+            for row in active:
+                row.decode_ms.append(step_ms)
 
-    def _choose(self, row: Row, logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> int:
-        if len(row.new_ids) < config.min_new_tokens:
-            logits = logits.copy()
-            logits[self.info.eos_token_id] = -np.inf  # EOS is not allowed yet
-        return choose_token(logits, config, rng, np.asarray(row.prompt + row.new_ids))
+    def _check_fits(self, rows: list[Row]) -> None:
+        for row in rows:
+            if len(row.prompt) + row.config.max_new_tokens > self.info.n_positions:
+                raise Gpt2OnnxError(
+                    f"prompt ({len(row.prompt)} tokens) + max_new_tokens ({row.config.max_new_tokens}) exceeds the "
+                    f"model's context of {self.info.n_positions} tokens; shorten the prompt or lower max_new_tokens")
 
-    def _check_fits(self, rows: list[Row], config: GenerationConfig) -> None:
-        longest = max(len(row.prompt) for row in rows)
-        if longest + config.max_new_tokens > self.info.n_positions:
-            raise Gpt2OnnxError(
-                f"prompt ({longest} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the model's "
-                f"context of {self.info.n_positions} tokens; shorten the prompt or lower max_new_tokens")
+
+def drop_finished(decoder, active: list[Row]) -> None:
+    """Finished rows leave the batch: each hole is filled by the last row, in the decoder as in `active`."""
+    for i in reversed(range(len(active))):
+        if active[i].finish_reason:
+            decoder.remove(i)
+            active[i] = active[-1]
+            active.pop()
 
 
 @dataclass
 class Row:
-    """One prompt's progress through the loop."""
+    """One prompt's progress through the loop, with its own settings and random generator."""
 
     prompt: list[int]
+    config: GenerationConfig
     eos_token_id: int
+    rng: np.random.Generator
     new_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_at: int | None = None  # text is cut here when a stop string matched
+    sent: int = 0  # characters of text already handed out by `unsent_text`
     prefill_ms: float = 0.0
     decode_ms: list[float] = field(default_factory=list)
 
@@ -136,13 +137,19 @@ class Row:
     def last_token(self) -> int:
         return self.new_ids[-1] if self.new_ids else self.prompt[-1]
 
-    def append(self, token: int, config: GenerationConfig, tokenizer) -> None:
+    def choose(self, logits: np.ndarray) -> int:
+        if len(self.new_ids) < self.config.min_new_tokens:
+            logits = logits.copy()
+            logits[self.eos_token_id] = -np.inf  # EOS is not allowed yet
+        return choose_token(logits, self.config, self.rng, np.asarray(self.prompt + self.new_ids))
+
+    def append(self, token: int, tokenizer) -> None:
         self.new_ids.append(token)
         if token == self.eos_token_id:
             self.finish_reason = "eos"
-        elif config.stop and self._find_stop(tokenizer, config.stop):
+        elif self.config.stop and self._find_stop(tokenizer, self.config.stop):
             self.finish_reason = "stop"
-        elif len(self.new_ids) >= config.max_new_tokens:
+        elif len(self.new_ids) >= self.config.max_new_tokens:
             self.finish_reason = "length"
 
     def _find_stop(self, tokenizer, stops: tuple[str, ...]) -> bool:
@@ -157,6 +164,14 @@ class Row:
         text = tokenizer.decode(ids)
         return text[: self.stop_at] if self.stop_at is not None else text
 
+    def unsent_text(self, tokenizer) -> str:
+        """Text not handed out yet, holding back a broken character or the start of a stop string."""
+        text = self.text(tokenizer)
+        end = len(text) if self.finish_reason else _safe_end(text, self.config.stop)
+        piece = text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
     def result(self, tokenizer, total_ms: float) -> GenerationResult:
         per_token = float(np.mean(self.decode_ms)) if self.decode_ms else 0.0
         return GenerationResult(
@@ -166,17 +181,6 @@ class Row:
             prompt_tokens=len(self.prompt),
             timings=Timings(prefill_ms=self.prefill_ms, per_token_ms=per_token, total_ms=total_ms),
         )
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts of different lengths -> input_ids [B, S] and attention_mask [B, S], padded on the left."""
-    width = max(len(p) for p in prompts)
-    input_ids = np.full((len(prompts), width), pad_id, np.int64)
-    attention_mask = np.zeros((len(prompts), width), np.int64)
-    for b, prompt in enumerate(prompts):
-        input_ids[b, width - len(prompt):] = prompt
-        attention_mask[b, width - len(prompt):] = 1
-    return input_ids, attention_mask
 
 
 def _safe_end(text: str, stops: tuple[str, ...]) -> int:

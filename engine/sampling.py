@@ -56,8 +56,3 @@ def choose_token(logits: np.ndarray, config: GenerationConfig, rng: np.random.Ge
     logits = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
     probs = softmax(logits.astype(np.float64))
     return int(rng.choice(probs.size, p=probs))
-
-
-def row_generators(seed: int | None, rows: int) -> list[np.random.Generator]:
-    """One generator per row, each seeded as if its prompt were generated alone."""
-    return [np.random.default_rng(seed) for _ in range(rows)]

@@ -11,7 +11,8 @@ Per layer (com.microsoft contrib ops, fused kernels on CPU and CUDA):
 The KV cache is one buffer per layer and kind, [B, H, T_max, D], bound as both `past_key_values.{i}.*`
 and `present.{i}.*`: GroupQueryAttention writes only the new rows. `seqlens_k[b]` is the number of tokens
 in row b's cache after this step minus one; `total_sequence_length` the longest row's count. Only the
-last position reaches the LM head, which reads the (possibly quantized) embedding table stored once.
+positions listed in `logits_positions` (-1: the last) reach the LM head, which reads the (possibly
+quantized) embedding table stored once.
 """
 
 from __future__ import annotations
@@ -131,9 +132,10 @@ def build_graph(weights: dict[str, np.ndarray], shape: GraphShape, quant: QuantC
         next_norm = f"h.{i + 1}.ln_1" if i + 1 < shape.n_layer else "ln_f"
         h, residual = g.skip_layer_norm(f"/model/layers.{i + 1}/input_layernorm", down, residual, w, next_norm,
                                         shape.layer_norm_epsilon, bias=w[f"{p}.mlp.c_proj.bias"])
-    last = g.op("Gather", [h, g.weight("last_position", np.array(-1, np.int64))], "/model/last_position/Gather",
-                axis=1)[0]  # [B, S, E] -> [B, E]: the LM head runs for the last position only
-    logits = lm_head(last)
+    # [B, S, E] -> [B, N, E]: the LM head runs only where logits are asked for (the last position while
+    # generating; every position when prompt log-probabilities are wanted)
+    picked = g.op("Gather", [h, "logits_positions"], "/model/logits_positions/Gather", axis=1)[0]
+    logits = lm_head(picked)
     g.nodes[-1].output[0] = "logits"
     return _model(g, shape), g.max_weight_error
 
@@ -167,7 +169,13 @@ def _embedding_and_head(g: GraphWriter, wte: np.ndarray, shape: GraphShape):
         return g.op("Gather", [table, ids], "/model/embed_tokens/Gather")[0]
 
     def head_fp32(x: str) -> str:
-        return g.op("Gemm", [x, table], "/lm_head/Gemm", transB=1)[0]  # x @ wte^T without a transposed copy
+        # Gemm(transB) multiplies by wte^T without a transposed copy, but only in 2-D: [B, N, E] -> [B*N, E]
+        rows = g.op("Reshape", [x, g.weight("lm_head_rows", np.array([-1, shape.n_embd]))], "/lm_head/Reshape")[0]
+        flat = g.op("Gemm", [rows, table], "/lm_head/Gemm", transB=1)[0]
+        batch_positions = g.op("Shape", [x], "/lm_head/Shape", end=2)[0]
+        out_shape = g.op("Concat", [batch_positions, g.weight("vocab_size", np.array([shape.vocab_size]))],
+                         "/lm_head/Concat", axis=0)[0]
+        return g.op("Reshape", [flat, out_shape], "/lm_head/Reshape_out")[0]
     return embed_fp32, head_fp32
 
 
@@ -177,8 +185,9 @@ def _model(g: GraphWriter, shape: GraphShape) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("seqlens_k", i32, ["batch_size"]),
-              helper.make_tensor_value_info("total_sequence_length", i32, [])]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", shape.vocab_size])]
+              helper.make_tensor_value_info("total_sequence_length", i32, []),
+              helper.make_tensor_value_info("logits_positions", i64, ["num_logits"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "num_logits", shape.vocab_size])]
     for i in range(shape.n_layer):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, cache))

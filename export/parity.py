@@ -24,7 +24,7 @@ def measure_parity(torch_model, model_dir: Path, steps: int = PARITY_STEPS) -> d
     decoder = engine.new_decoder()
     ids = np.array([prompt], np.int64)
 
-    onnx_logits = decoder.prefill(ids, np.ones_like(ids))[0]
+    onnx_logits = decoder.prefill([prompt], len(prompt) + steps)[0]
     with torch.inference_mode():
         out = torch_model(torch.from_numpy(ids), use_cache=True)
         torch_logits = out.logits[0, -1].numpy()

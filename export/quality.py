@@ -69,8 +69,7 @@ def measure_quality(torch_model, engine, windows: np.ndarray) -> dict:
 def _onnx_logits(engine, chunk: np.ndarray) -> np.ndarray:
     """Teacher-forced logits at every position: prefill the first token, then decode the rest."""
     decoder = engine.new_decoder()
-    first = chunk[:, :1]
-    steps = [decoder.prefill(first, np.ones_like(first), chunk.shape[1]).copy()]
+    steps = [decoder.prefill([[int(t)] for t in chunk[:, 0]], chunk.shape[1]).copy()]
     for t in range(1, chunk.shape[1]):
         steps.append(decoder.decode(chunk[:, t]).copy())
     return np.stack(steps, axis=1)

@@ -45,8 +45,7 @@ def test_greedy_tokens_match_transformers_generate(tiny_engine, tiny_torch_model
 def test_logits_match_torch_at_prefill_and_every_decode_step(tiny_engine, tiny_torch_model):
     ids = tiny_engine.encode(PROMPTS["ascii"])
     decoder = tiny_engine.new_decoder()
-    prompt = np.array([ids], np.int64)
-    onnx_logits = [decoder.prefill(prompt, np.ones_like(prompt))[0]]
+    onnx_logits = [decoder.prefill([ids], len(ids) + 16)[0]]
     sequence = list(ids)
     for _ in range(16):
         sequence.append(int(onnx_logits[-1].argmax()))
@@ -61,12 +60,10 @@ def test_logits_match_torch_at_prefill_and_every_decode_step(tiny_engine, tiny_t
 def test_kv_cache_decode_matches_full_recompute(tiny_engine):
     ids = tiny_engine.encode(PROMPTS["long"])
     cached = tiny_engine.new_decoder()
-    prompt = np.array([ids[:10]], np.int64)
-    cached.prefill(prompt, np.ones_like(prompt))
+    cached.prefill([ids[:10]], len(ids))
     for position in range(10, len(ids)):
         step_logits = cached.decode(np.array([ids[position]]))[0]
-        whole = np.array([ids[: position + 1]], np.int64)
-        recomputed = tiny_engine.new_decoder().prefill(whole, np.ones_like(whole))[0]
+        recomputed = tiny_engine.new_decoder().prefill([ids[: position + 1]])[0]
         np.testing.assert_allclose(step_logits, recomputed, atol=1e-4, rtol=0)
 
 
@@ -202,8 +199,42 @@ def test_fast_graph_matches_reference_graph(tiny_engine, tiny_reference_export):
     prompts = list(PROMPTS.values())
     assert [r.token_ids for r in tiny_engine.generate(prompts, config)] == \
            [r.token_ids for r in reference.generate(prompts, config)]
-    ids = np.array([tiny_engine.encode(PROMPTS["code"])], np.int64)
+    ids = [tiny_engine.encode(PROMPTS["code"])]
     fast, ref = tiny_engine.new_decoder(), reference.new_decoder()
-    np.testing.assert_allclose(fast.prefill(ids, np.ones_like(ids)), ref.prefill(ids, np.ones_like(ids)), atol=1e-4)
+    np.testing.assert_allclose(fast.prefill(ids), ref.prefill(ids), atol=1e-4)
     for token in (11, 262, 13):
         np.testing.assert_allclose(fast.decode(np.array([token])), ref.decode(np.array([token])), atol=1e-4)
+
+
+def test_rows_leave_the_batch_and_match_generating_alone(tiny_engine):
+    prompts = [PROMPTS["ascii"], PROMPTS["one-token"], PROMPTS["code"], PROMPTS["long"]]
+    # different lengths per row: each row's stop string ends it at its own step
+    alone = [tiny_engine.generate(p, GenerationConfig(max_new_tokens=20)) for p in prompts]
+    stops = tuple(r.text[4 + 3 * i: 6 + 3 * i] for i, r in enumerate(alone) if len(r.text) > 12)
+    config = GenerationConfig(max_new_tokens=20, stop=stops)
+    batched = tiny_engine.generate(prompts, config)
+    assert [r.token_ids for r in batched] == [tiny_engine.generate(p, config).token_ids for p in prompts]
+    assert len({len(r.token_ids) for r in batched}) > 1  # rows really finished at different steps
+
+
+def test_rows_join_and_leave_a_running_shared_buffer(tiny_engine):
+    ids = [tiny_engine.encode(p) for p in (PROMPTS["ascii"], PROMPTS["code"], PROMPTS["long"])]
+    decoder = tiny_engine.new_decoder()
+    decoder.allocate(capacity=3, max_length=96)
+    first = [decoder.add(ids[0])[-1].argmax(), decoder.add(ids[1])[-1].argmax()]
+    decoder.decode(np.array(first))  # two rows mid-generation
+    decoder.remove(0)  # row 1 moves to slot 0
+    late = decoder.add(ids[2])[-1].argmax()  # joins while the other row is running
+    got = decoder.decode(np.array([11, late])).copy()
+    for prompt, row in ((ids[1] + [int(first[1]), 11], got[0]), (ids[2] + [int(late)], got[1])):
+        np.testing.assert_allclose(row, tiny_engine.new_decoder().prefill([prompt])[0], atol=1e-4)
+
+
+def test_prompt_logits_at_every_position_match_torch(tiny_engine, tiny_torch_model):
+    ids = tiny_engine.encode(PROMPTS["long"])
+    decoder = tiny_engine.new_decoder()
+    decoder.allocate(capacity=1, max_length=len(ids))
+    got = decoder.add(ids, all_logits=True)
+    with torch.inference_mode():
+        want = tiny_torch_model(torch.tensor([ids])).logits[0].numpy()
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
