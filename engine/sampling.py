@@ -56,3 +56,18 @@ def choose_token(logits: np.ndarray, config: GenerationConfig, rng: np.random.Ge
     logits = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
     probs = softmax(logits.astype(np.float64))
     return int(rng.choice(probs.size, p=probs))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Along the last axis, in float64 so that log-probabilities near 0 keep their digits."""
+    x = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def token_logprobs(logits: np.ndarray, chosen: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of `chosen` and its `top` most likely alternatives (OpenAI's `logprobs`)."""
+    logprobs = log_softmax(logits)
+    top = min(max(top, 0), logprobs.size)
+    best = np.argpartition(-logprobs, top - 1)[:top] if top else np.zeros(0, np.int64)
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return float(logprobs[chosen]), [(int(t), float(logprobs[t])) for t in best]

@@ -1,4 +1,4 @@
-"""`gpt2-onnx VERB ...`: export, generate (more verbs join as they are built).
+"""`gpt2-onnx VERB ...`: export, generate, quality, serve.
 
 Each verb is a `add_<verb>(subparsers)` + `run_<verb>(args)` pair; errors print one line and exit 2.
 """
@@ -6,6 +6,7 @@ Each verb is a `add_<verb>(subparsers)` + `run_<verb>(args)` pair; errors print 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gpt2_onnx.errors import Gpt2OnnxError
@@ -124,8 +125,32 @@ def run_generate(args) -> None:
     sys.stdout.write("\n")
 
 
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", help="a folder written by `gpt2-onnx export` (the default fast graph)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond that; more get HTTP 429")
+    p.add_argument("--api-key", default=os.environ.get("GPT2_ONNX_API_KEY"),
+                   help="require `Authorization: Bearer KEY` (default: $GPT2_ONNX_API_KEY, else no key)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the folder's name)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all CPUs)")
+
+
+def run_serve(args) -> None:
+    from gpt2_onnx.engine.server import ServerConfig, serve
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise Gpt2OnnxError("--max-batch must be >= 1 and --max-queue >= 0")
+    serve(args.model_dir, ServerConfig(args.host, args.port, args.max_batch, args.max_queue, args.api_key,
+                                       args.model_name), provider=args.provider, threads=args.threads)
+
+
 VERBS = {"export": (add_export, run_export), "generate": (add_generate, run_generate),
-         "quality": (add_quality, run_quality)}
+         "quality": (add_quality, run_quality), "serve": (add_serve, run_serve)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,3 +72,14 @@ def cuda_available() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs onnxruntime-gpu and a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def long_context_export(tmp_path_factory) -> Path:
+    """A tiny model with GPT-2's 1,024-token context: long enough generations to disconnect from."""
+    from gpt2_onnx.export import export_model
+
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-1024", n_positions=1024)
+    out = tmp_path_factory.mktemp("onnx") / "tiny-1024"
+    export_model(str(checkpoint), out, log=lambda _: None)
+    return out
