@@ -43,6 +43,7 @@ class CompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # an extension (vLLM's): -1 or 0 = off
     repetition_penalty: float | None = Field(None, gt=0)  # an extension: 1.0 = off
+    min_tokens: int = Field(0, ge=0)  # an extension (vLLM's): EOS is ignored until this many tokens
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -63,6 +64,8 @@ class CompletionRequest(BaseModel):
             return ApiError(400, "best_of is not supported (only best_of == n)", "best_of")
         if self.suffix:
             return ApiError(400, "suffix (insertion) is not supported by GPT-2", "suffix")
+        if self.min_tokens > (self.max_tokens if self.max_tokens is not None else 16):
+            return ApiError(400, "min_tokens must be <= max_tokens", "min_tokens")
         if self.max_tokens == 0 and not self.echo:
             return ApiError(400, "max_tokens must be >= 1 unless echo is true", "max_tokens")
         return None
@@ -73,8 +76,8 @@ class CompletionRequest(BaseModel):
         try:
             return GenerationConfig(
                 max_new_tokens=max(1, self.max_tokens if self.max_tokens is not None else 16),
-                do_sample=temperature > 0, temperature=temperature or 1.0, top_k=max(0, self.top_k or 0),
-                top_p=self.top_p or 1.0, repetition_penalty=self.repetition_penalty or 1.0,
+                min_new_tokens=self.min_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+                top_k=max(0, self.top_k or 0), top_p=self.top_p or 1.0, repetition_penalty=self.repetition_penalty or 1.0,
                 stop=tuple(s for s in stop if s), seed=self.seed)
         except Gpt2OnnxError as exc:
             raise ApiError(400, str(exc)) from None

@@ -37,7 +37,8 @@ def export_model(source: str, out_dir: str | Path, *, quant: QuantConfig | None 
     """Export `source` (hub id, local folder or random:<preset>) to an ONNX folder at `out_dir`.
 
     `graph="fast"` writes the op-by-op graph the engine is tuned for (any precision); `"reference"` is
-    Optimum's plain export (fp32), kept to check the fast graph against.
+    Optimum's plain export (fp32), kept to check the fast graph against. Quantized exports measure their
+    quality over `eval_windows` windows of 128 tokens; 0 skips that stage.
     """
     out_dir = Path(out_dir)
     quant = quant or QuantConfig.fp32()
@@ -73,8 +74,8 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
     from .quality import evaluation_windows, measure_quality
     from .to_onnx import export_fast_graph, export_reference_graph
 
-    quantized = quant.precision != "fp32"
-    stages = _Stages(log, total=5 if quantized else 4)
+    measure = quant.precision != "fp32" and evaluation[1] > 0
+    stages = _Stages(log, total=5 if measure else 4)
     with stages("load", source):
         checkpoint = load_checkpoint(source)
         quant.check_width(checkpoint.model.config.n_embd)
@@ -93,7 +94,7 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
         _check_graph(model_path)
         parity = measure_parity(checkpoint.model, work)
     extra = {"quantization": {**asdict(quant), "max_weight_error": max_weight_error}}
-    if quantized:
+    if measure:
         with stages("quality", "teacher-forced against PyTorch fp32"):
             windows, described = evaluation_windows(checkpoint.tokenizer, checkpoint.model, *evaluation)
             extra["quality"] = {"text": described, **measure_quality(checkpoint.model, Engine(work), windows)}

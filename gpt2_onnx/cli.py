@@ -1,4 +1,4 @@
-"""`gpt2-onnx VERB ...`: export, generate, quality, serve.
+"""`gpt2-onnx VERB ...`: export, generate, quality, serve, bench.
 
 Each verb is a `add_<verb>(subparsers)` + `run_<verb>(args)` pair; errors print one line and exit 2.
 """
@@ -29,6 +29,8 @@ def add_export(sub) -> None:
                    help="bits of the tied embedding / LM head (default: 8 for int4, 8 for int8)")
     q.add_argument("--eval-text", default=None,
                    help="text file for the quality measurement (default: text sampled from the fp32 model)")
+    q.add_argument("--skip-quality", action="store_true",
+                   help="do not measure quality against PyTorch (minutes for gpt2 on 2 cores); the manifest then has none")
 
 
 def quant_config(args):
@@ -49,7 +51,7 @@ def run_export(args) -> None:
     from gpt2_onnx.export import export_model
 
     export_model(args.source, args.out_dir, quant=quant_config(args), graph=args.graph, force=args.force,
-                 eval_text=args.eval_text)
+                 eval_text=args.eval_text, eval_windows=0 if args.skip_quality else 160)
 
 
 def add_quality(sub) -> None:
@@ -149,8 +151,55 @@ def run_serve(args) -> None:
                                        args.model_name), provider=args.provider, threads=args.threads)
 
 
+def add_bench(sub) -> None:
+    from gpt2_onnx.benchmarks.suite import ALL_SYSTEMS
+
+    p = sub.add_parser("bench", help="latency, throughput, memory and parity against PyTorch and peers, one run",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="random:gpt2", help="hub id, local checkpoint folder, or random:<preset>")
+    p.add_argument("--quick", action="store_true", help="fewer points and rounds: a smoke run")
+    p.add_argument("--out", default="bench-results", help="folder for results.json, results.md and the plots")
+    p.add_argument("--threads", type=int, default=2, help="threads for every system (pinned, stated in the report)")
+    p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comma-separated, from the default list")
+    p.add_argument("--reps", type=int, default=None, help="alternating rounds (default 5, quick 2)")
+    p.add_argument("--check", action="append", default=[], metavar="EXPR",
+                   help="gate, e.g. 'per_token:engine-int8/per_token:optimum-int8<=0.25'; exit 1 if one fails")
+    p.add_argument("--eval-text", default=None, help="text for the quantized parity (default: sampled from fp32)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-process memory and cold-start probes")
+    p.add_argument("--cache", default=None, help="export cache (default: $GPT2_ONNX_CACHE or ~/.cache/gpt2-onnx/bench)")
+
+
+def run_bench(args) -> int:
+    from pathlib import Path
+
+    from gpt2_onnx.benchmarks.report import evaluate
+    from gpt2_onnx.benchmarks.suite import ALL_SYSTEMS, BenchConfig, Suite, failed_checks
+
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    unknown = [s for s in systems if s not in ALL_SYSTEMS]
+    if unknown:
+        raise Gpt2OnnxError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(ALL_SYSTEMS)}")
+    for check in args.check:
+        try:
+            evaluate({}, check)
+        except ValueError as exc:
+            raise Gpt2OnnxError(str(exc)) from None
+    config = BenchConfig(source=args.model, out=Path(args.out), quick=args.quick, threads=args.threads,
+                         systems=systems, reps=args.reps, checks=tuple(args.check),
+                         eval_text=Path(args.eval_text) if args.eval_text else None, memory=not args.no_memory,
+                         cache=Path(args.cache) if args.cache else None, command="gpt2-onnx " + " ".join(sys.argv[2:]))
+    results = Suite(config).run()
+    print((Path(args.out) / "results.md").read_text())
+    failed = failed_checks(results)
+    for check in failed:
+        print(f"check failed: {check['check']} = {check['value']} (wanted {check['op']} {check['bound']:g})",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
 VERBS = {"export": (add_export, run_export), "generate": (add_generate, run_generate),
-         "quality": (add_quality, run_quality), "serve": (add_serve, run_serve)}
+         "quality": (add_quality, run_quality), "serve": (add_serve, run_serve),
+         "bench": (add_bench, run_bench)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,14 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         add(sub)
     args = parser.parse_args(argv)
     try:
-        VERBS[args.verb][1](args)
+        code = VERBS[args.verb][1](args)
     except Gpt2OnnxError as exc:
         print(f"gpt2-onnx {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gpt2-onnx {args.verb}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

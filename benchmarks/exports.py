@@ -1,0 +1,134 @@
+"""Every model the suite runs, built once and cached: a folder per (source, artifact, package versions).
+
+The cache lives in $GPT2_ONNX_CACHE (default ~/.cache/gpt2-onnx/bench). Each entry is written to a temp
+folder and renamed into place, so an interrupted run leaves nothing half-built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("gpt2-onnx", "torch", "transformers", "onnxruntime", "optimum", "optimum-onnx", "ctranslate2")
+
+
+def versions() -> dict[str, str | None]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+class ExportCache:
+    def __init__(self, source: str, root: Path | None = None, log: Callable[[str], None] = print) -> None:
+        self.source, self.log = source, log
+        self.root = Path(root or os.environ.get("GPT2_ONNX_CACHE", Path.home() / ".cache" / "gpt2-onnx" / "bench"))
+
+    def folder(self, artifact: str, build: Callable[[Path], None]) -> Path:
+        """The cached folder for `artifact`, built by `build(tmp_folder)` when missing."""
+        key = json.dumps({"source": self.source, "stamp": _source_stamp(self.source), "artifact": artifact,
+                          "versions": versions()}, sort_keys=True)
+        name = f"{artifact}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        target = self.root / _slug(self.source) / name
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.log(f"building {artifact} for {self.source} (cached in {target.parent})")
+        work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            build(work / "out")
+            (work / "out" / "cache-key.json").write_text(key)
+            (work / "out").rename(target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return target
+
+    def checkpoint(self) -> Path:
+        """The source as a Hugging Face folder (what Optimum and CTranslate2 convert from)."""
+        def build(out: Path) -> None:
+            from gpt2_onnx.export.load import load_checkpoint
+
+            loaded = load_checkpoint(self.source)
+            loaded.model.save_pretrained(out)
+            loaded.tokenizer.save_pretrained(out)
+        return self.folder("checkpoint", build)
+
+    def engine(self, precision: str) -> Path:
+        def build(out: Path) -> None:
+            from gpt2_onnx.export import QuantConfig, export_model
+
+            quant = {"fp32": QuantConfig.fp32, "int8": QuantConfig.int8, "int4": QuantConfig.int4}[precision]()
+            # quality is measured by the suite's own parity stage, on its own text
+            export_model(str(self.checkpoint()), out, quant=quant, eval_windows=0, log=lambda _: None)
+        return self.folder(f"engine-{precision}", build)
+
+    def optimum(self, precision: str) -> Path:
+        def build(out: Path) -> None:
+            from optimum.onnxruntime import ORTModelForCausalLM
+
+            ORTModelForCausalLM.from_pretrained(self.checkpoint(), export=True, use_cache=True).save_pretrained(out)
+            _copy_tokenizer(self.checkpoint(), out)
+
+        fp32 = self.folder("optimum-fp32", build)
+        if precision == "fp32":
+            return fp32
+
+        def quantize(out: Path) -> None:
+            from optimum.onnxruntime import ORTQuantizer
+            from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+            make = AutoQuantizationConfig.avx512_vnni if "avx512_vnni" in cpu_flags() else AutoQuantizationConfig.avx2
+            ORTQuantizer.from_pretrained(fp32, file_name="model.onnx").quantize(
+                save_dir=out, quantization_config=make(is_static=False, per_channel=True))
+            _copy_tokenizer(fp32, out)
+        return self.folder("optimum-int8", quantize)
+
+    def ctranslate2(self) -> Path:
+        def build(out: Path) -> None:
+            import ctranslate2
+
+            ctranslate2.converters.TransformersConverter(str(self.checkpoint())).convert(str(out), quantization="int8")
+        return self.folder("ctranslate2-int8", build)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                 "merges.txt", "special_tokens_map.json"):
+        if (source / name).exists() and not (target / name).exists():
+            shutil.copy(source / name, target / name)
+
+
+def _source_stamp(source: str) -> str | None:
+    """A local checkpoint's weights may change under the same path: key on their size and time."""
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    files = sorted(f for f in path.iterdir() if f.is_file())
+    return hashlib.sha256(repr([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()).hexdigest()
+
+
+def _slug(source: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in source.strip("/"))[-80:]

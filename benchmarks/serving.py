@@ -1,0 +1,86 @@
+"""The HTTP server under load: N concurrent clients, each sending its requests one after another.
+
+Reports aggregate generated tokens/s and request latency p50/p99 per concurrency level, measured from a
+real `gpt2-onnx serve` process on 127.0.0.1 (bounded: a fixed number of requests per client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def serving_load(folder: Path, threads: int, levels: tuple[int, ...], requests_per_client: int, new_tokens: int,
+                 vocab_size: int, prompt_tokens: int = 32, log: Callable[[str], None] = print) -> list[dict]:
+    with _server(folder, threads, max_batch=max(levels)) as url:
+        results = []
+        for clients in levels:
+            log(f"  {clients} concurrent clients x {requests_per_client} requests of {new_tokens} tokens")
+            results.append(asyncio.run(_load(url, clients, requests_per_client, new_tokens, prompt_tokens, vocab_size)))
+        return results
+
+
+async def _load(url: str, clients: int, per_client: int, new_tokens: int, prompt_tokens: int, vocab_size: int) -> dict:
+    import httpx
+
+    rng = np.random.default_rng(clients)
+    latencies, tokens = [], 0
+
+    async def client(session: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        for _ in range(per_client):
+            ids = rng.integers(0, min(vocab_size, 50000), prompt_tokens).tolist()
+            payload = {"prompt": ids, "max_tokens": new_tokens, "min_tokens": new_tokens, "temperature": 0}
+            start = time.perf_counter()
+            response = await session.post(f"{url}/v1/completions", json=payload)
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - start)
+            tokens += response.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=clients)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return {"clients": clients, "requests": len(latencies), "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
+            "tokens_per_s": tokens / wall, "latency_s": {"p50": float(np.percentile(latencies, 50)),
+                                                          "p99": float(np.percentile(latencies, 99))}}
+
+
+@contextlib.contextmanager
+def _server(folder: Path, threads: int, max_batch: int):
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "gpt2_onnx.cli", "serve", str(folder), "--port", str(port),
+                                "--threads", str(threads), "--max-batch", str(max_batch)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited: {process.stderr.read().strip()[-500:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not come up within 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()

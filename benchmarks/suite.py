@@ -1,0 +1,129 @@
+"""`gpt2-onnx bench`: every system, every measurement, one run; reports in --out.
+
+Stages: build or reuse the exports -> load every system -> latency and throughput runs (alternating) ->
+memory and cold start (a fresh process per system) -> the HTTP server under load -> parity -> JSON,
+Markdown and plots -> checks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gpt2_onnx.errors import Gpt2OnnxError
+
+from .exports import ExportCache
+from .machine import machine_facts
+from .measure import Point, measure, summarize
+from .parity import engine_parity, greedy_agreement
+from .serving import serving_load
+from .report import TARGETS, evaluate, write_reports
+from .systems import System, make_systems
+
+ALL_SYSTEMS = ("engine-fp32", "engine-int8", "engine-int4", "pytorch", "optimum-fp32", "optimum-int8",
+               "ctranslate2-int8", "llamacpp-q8_0")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    source: str = "random:gpt2"
+    out: Path = Path("bench-results")
+    quick: bool = False  # fewer points, rounds and tokens: a smoke run in about two minutes
+    threads: int = 2
+    systems: tuple[str, ...] = ALL_SYSTEMS
+    reps: int | None = None  # alternating rounds (default 5, quick 2)
+    checks: tuple[str, ...] = ()
+    eval_text: Path | None = None
+    memory: bool = True  # the per-system process probes
+    serving: bool = True  # the HTTP server under concurrent clients
+    cache: Path | None = None
+    command: str = "gpt2-onnx bench"
+
+    @property
+    def rounds(self) -> int:
+        return self.reps or (2 if self.quick else 5)
+
+    def latency_points(self, context: int) -> list[Point]:
+        points = [Point(1, 32, 32), Point(1, 128, 16)] if self.quick else \
+                 [Point(1, 32, 128), Point(1, 128, 32), Point(1, 512, 32), Point(1, 1000, 24)]
+        return [p for p in points if p.prompt + p.new_tokens <= context]
+
+    def throughput_points(self, context: int) -> list[Point]:
+        batches = (4,) if self.quick else (1, 4, 16, 64)
+        return [Point(b, 32, 16 if self.quick else 32) for b in batches if 48 <= context]
+
+
+@dataclass
+class Suite:
+    config: BenchConfig
+    log: Callable[[str], None] = print
+    results: dict = field(default_factory=dict)
+
+    def run(self) -> dict:
+        c = self.config
+        started = time.perf_counter()
+        cache = ExportCache(c.source, c.cache, log=self.log)
+        self.log(f"[1/7] exports for {c.source} (cached)")
+        systems, skipped = make_systems(list(c.systems), cache, c.threads)
+        if not systems:
+            raise Gpt2OnnxError(f"none of the systems {', '.join(c.systems)} can run here: {skipped}")
+        self.log(f"[2/7] loading {', '.join(s.name for s in systems)}" +
+                 "".join(f"\n      skipped {name}: {why}" for name, why in skipped.items()))
+        facts = {}
+        for system in systems:
+            start = time.perf_counter()
+            system.load()
+            facts[system.name] = {**system.notes, "load_s": time.perf_counter() - start,
+                                  "weight_mb_per_token": system.weight_bytes / 1e6}
+        context = json.loads((cache.checkpoint() / "config.json").read_text())["n_positions"]
+        vocab = json.loads((cache.checkpoint() / "config.json").read_text())["vocab_size"]
+        self.results = {"machine": machine_facts(c.threads), "config": {**asdict(c), "reps": c.rounds},
+                        "systems": facts, "skipped": skipped}
+        self.log("[3/7] latency and throughput")
+        latency_points, throughput_points = c.latency_points(context), c.throughput_points(context)
+        runs = measure(systems, latency_points + throughput_points, c.rounds, vocab, self.log)
+        for key, points in (("latency", latency_points), ("throughput", throughput_points)):
+            self.results[key] = {s.name: [summarize(runs[s.name, p], p, s.weight_bytes) for p in points]
+                                 for s in systems}
+        if c.memory:
+            self.log("[4/7] memory and cold start, one process per system")
+            self.results["memory"] = {s.name: self._probe(s, cache, context, vocab) for s in systems}
+        engines = [s for s in systems if s.name.startswith("engine-")]
+        if c.serving and engines:
+            served = next((s for s in engines if s.name == "engine-int8"), engines[0])
+            self.log(f"[5/7] serving load on {served.name}")
+            levels = (1, 4) if c.quick else (1, 8, 32)
+            self.results["serving"] = {"system": served.name, "levels": serving_load(
+                served.folder, c.threads, levels, 2 if c.quick else 4, min(16 if c.quick else 128, context - 40),
+                vocab, log=self.log)}
+        self.log("[6/7] parity with PyTorch")
+        first = latency_points[0]
+        self.results["parity"] = {
+            "greedy_vs_pytorch": greedy_agreement({s.name: runs[s.name, first][0].tokens[0] for s in systems}),
+            "engine": engine_parity(systems, cache.checkpoint(), c.eval_text, 4 if c.quick else 32, self.log)}
+        self.results["targets"] = [evaluate(self.results, f"{lhs}{op}{bound}") for lhs, op, bound in TARGETS]
+        self.results["checks"] = [evaluate(self.results, check) for check in c.checks]
+        self.results["elapsed_s"] = time.perf_counter() - started
+        written = write_reports(self.results, Path(c.out))
+        self.log(f"[7/7] wrote {', '.join(str(p) for p in written)} in {self.results['elapsed_s']:.0f} s")
+        return self.results
+
+    def _probe(self, system: System, cache: ExportCache, context: int, vocab: int) -> dict:
+        long_tokens = 64 if self.config.quick else min(1000, context - 40)
+        spec = {"name": system.name, "folder": str(system.folder), "checkpoint": str(cache.checkpoint()),
+                "threads": self.config.threads, "prompt": 32, "vocab_size": vocab, "spawned_at": time.time(),
+                "long_tokens": long_tokens if system.name.startswith("engine") or not self.config.quick else 0}
+        done = subprocess.run([sys.executable, "-m", "gpt2_onnx.benchmarks.probe", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def failed_checks(results: dict) -> list[dict]:
+    return [c for c in results.get("checks", []) if not c["holds"]]

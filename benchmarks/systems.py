@@ -1,0 +1,201 @@
+"""The systems compared, behind one call: run(prompt ids [B, L], new_tokens) -> when each step's tokens came.
+
+Every system gets the same token ids and generates exactly `new_tokens` greedy tokens (EOS ignored), with
+its threads pinned to the same count. `step_times[k]` is the time from the call to step k's tokens:
+step 0 is the prefill (time to first token), the gaps after it are the per-token decode times.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .exports import ExportCache, folder_bytes
+
+
+@dataclass
+class Run:
+    step_times: list[float]  # seconds from the call to each step's tokens
+    tokens: np.ndarray  # [B, new_tokens]
+
+
+@dataclass
+class System:
+    """A name, a folder, and `load` / `run` filled in by the subclass."""
+
+    name: str
+    threads: int
+    folder: Path | None = None
+    checkpoint: Path | None = None  # the Hugging Face folder it was converted from
+    weight_bytes: int = 0  # bytes of weights read per decoded token (tables that are only gathered excluded)
+    notes: dict = field(default_factory=dict)
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def run(self, prompts: np.ndarray, new_tokens: int) -> Run:
+        raise NotImplementedError
+
+
+class EngineSystem(System):
+    def load(self) -> None:
+        from gpt2_onnx.engine import Engine
+
+        self.engine = Engine(self.folder, threads=self.threads)
+        self.weight_bytes = onnx_weight_bytes(self.folder / "model.onnx")
+
+    def run(self, prompts: np.ndarray, new_tokens: int) -> Run:
+        from gpt2_onnx.engine import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        rows = [self.engine.new_row(list(map(int, p)), config) for p in prompts]
+        start, times = time.perf_counter(), []
+        for _ in self.engine.decode_steps(rows):
+            times.append(time.perf_counter() - start)
+        return Run(times, np.array([row.new_ids for row in rows]))
+
+
+class _StepClock:
+    """A transformers streamer that only notes when each step's tokens arrive."""
+
+    def __init__(self) -> None:
+        self.start, self.times, self.prompt_seen = time.perf_counter(), [], False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter() - self.start)
+        self.prompt_seen = True  # generate() first hands the streamer the prompt
+
+    def end(self) -> None:
+        pass
+
+
+class HuggingFaceSystem(System):
+    """transformers' `generate` over a PyTorch model or Optimum's ORTModelForCausalLM."""
+
+    def run(self, prompts: np.ndarray, new_tokens: int) -> Run:
+        import torch
+
+        clock = _StepClock()
+        ids = torch.from_numpy(np.ascontiguousarray(prompts, dtype=np.int64))
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, streamer=clock,
+                                      pad_token_id=self.model.config.eos_token_id)
+        return Run(clock.times, out[:, ids.shape[1]:].numpy())
+
+
+class TorchSystem(HuggingFaceSystem):
+    def load(self) -> None:
+        import torch
+        from transformers import GPT2LMHeadModel
+
+        torch.set_num_threads(self.threads)
+        self.model = GPT2LMHeadModel.from_pretrained(self.folder).eval()
+        unique = {p.data_ptr(): p for p in self.model.parameters()}.values()  # the tied head counted once
+        config = self.model.config
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in unique) - config.n_positions * config.n_embd * 4
+
+
+class OptimumSystem(HuggingFaceSystem):
+    def load(self) -> None:
+        import onnxruntime as ort
+        import torch
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        torch.set_num_threads(self.threads)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
+        file_name = "model_quantized.onnx" if (self.folder / "model_quantized.onnx").exists() else "model.onnx"
+        self.model = ORTModelForCausalLM.from_pretrained(self.folder, file_name=file_name, session_options=options,
+                                                         use_io_binding=True)
+        self.weight_bytes = onnx_weight_bytes(self.folder / file_name)
+
+
+class CTranslate2System(System):
+    def load(self) -> None:
+        import ctranslate2
+        from tokenizers import Tokenizer
+
+        self.generator = ctranslate2.Generator(str(self.folder), device="cpu", compute_type="int8",
+                                               intra_threads=self.threads, inter_threads=1)
+        tokenizer = Tokenizer.from_file(str(self.checkpoint / "tokenizer.json"))
+        self.vocab = [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())]
+        config = json.loads((self.checkpoint / "config.json").read_text())
+        wpe = config["n_positions"] * config["n_embd"] * 4  # position table: one row read per token
+        self.weight_bytes = (self.folder / "model.bin").stat().st_size - wpe
+
+    def run(self, prompts: np.ndarray, new_tokens: int) -> Run:
+        start, times = time.perf_counter(), []
+
+        def on_token(step) -> bool:
+            if len(times) <= step.step:
+                times.append(time.perf_counter() - start)
+            return False  # False: go on
+        tokens = [[self.vocab[int(t)] for t in row] for row in prompts]
+        results = self.generator.generate_batch(tokens, max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
+                                                include_prompt_in_result=False, callback=on_token)
+        return Run(times, np.array([r.sequences_ids[0] for r in results]))
+
+
+CLASSES = {"engine": EngineSystem, "pytorch": TorchSystem, "optimum": OptimumSystem, "ctranslate2": CTranslate2System}
+NEEDS = {"optimum": "optimum.onnxruntime", "ctranslate2": "ctranslate2", "llamacpp": "llama_cpp"}
+
+
+def make_systems(names: list[str], cache: ExportCache, threads: int) -> tuple[list[System], dict[str, str]]:
+    """The systems asked for (built or taken from the cache), and for each that cannot run here, why."""
+    systems, skipped = [], {}
+    for name in names:
+        kind, _, precision = name.partition("-")
+        if kind not in CLASSES and kind != "llamacpp":
+            raise ValueError(f"unknown system {name!r}")
+        if kind in NEEDS and (missing := _missing(NEEDS[kind])):
+            skipped[name] = missing
+            continue
+        if kind == "llamacpp":
+            skipped[name] = "llama-cpp-python is installed, but this suite has no GGUF converter for GPT-2 yet"
+            continue
+        folder = {"engine": lambda: cache.engine(precision), "pytorch": cache.checkpoint,
+                  "optimum": lambda: cache.optimum(precision), "ctranslate2": cache.ctranslate2}[kind]()
+        systems.append(CLASSES[kind](name, threads, folder, cache.checkpoint()))
+        systems[-1].notes["folder_mb"] = round(folder_bytes(folder) / 1e6, 1)
+    return systems, skipped
+
+
+def system_from_spec(spec: dict) -> System:
+    """Rebuild a system in another process (memory and cold-start probes) from its name and folders."""
+    kind = spec["name"].partition("-")[0]
+    return CLASSES[kind](spec["name"], spec["threads"], Path(spec["folder"]), Path(spec["checkpoint"]))
+
+
+def _missing(module: str) -> str | None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else f"{module.split('.')[0]} is not installed (pip install it to compare)"
+
+
+def onnx_weight_bytes(path: Path) -> int:
+    """Bytes of the initializers a decode step reads: all but tables that are only gathered from (one row)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    uses: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for tensor in model.graph.initializer:
+        if uses.get(tensor.name, set()) <= {"Gather", "GatherBlockQuantized"}:
+            continue
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+        else:
+            total += len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
+    return total

@@ -1,0 +1,78 @@
+"""The benchmark suite end to end on a tiny config in --quick mode (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gpt2_onnx.benchmarks.report import evaluate
+
+SYSTEMS = "engine-fp32,engine-int8,pytorch,optimum-fp32,llamacpp-q8_0"
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", "bench", "--model", "random:tiny", "--quick",
+                           "--out", str(out / "results"), "--cache", str(out / "cache"), "--systems", SYSTEMS,
+                           "--check", "per_token:engine-fp32/per_token:pytorch<=1000",
+                           "--check", "throughput@4:engine-int8>=1e9"],
+                          capture_output=True, text=True, timeout=900)
+    return done, out / "results"
+
+
+def test_quick_suite_writes_json_markdown_and_plots(bench_run):
+    done, out = bench_run
+    assert done.returncode == 1, done.stderr  # the impossible second check fails, and says so
+    assert "check failed: throughput@4:engine-int8" in done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["machine"]["threads"] == 2 and results["machine"]["memory_read_gb_per_s"] > 0
+    ran = ["engine-fp32", "engine-int8", "pytorch", "optimum-fp32"]
+    assert list(results["latency"]) == ran
+    for name in ran:
+        first = results["latency"][name][0]
+        assert first["point"] == {"batch": 1, "prompt": 32, "new_tokens": 32}
+        assert 0 < first["prefill_ms"]["min"] <= first["prefill_ms"]["median"] <= first["prefill_ms"]["max"]
+        assert first["per_token_ms"]["p50"] <= first["per_token_ms"]["p90"]
+        assert results["throughput"][name][0]["decode_tokens_per_s"]["median"] > 0
+        assert results["memory"][name]["cold_start_s"] > 0 and results["memory"][name]["peak_rss_after_load_mb"] > 0
+    assert results["serving"]["levels"][0]["tokens_per_s"] > 0
+    assert [c["holds"] for c in results["checks"]] == [True, False]
+    markdown = (out / "results.md").read_text()
+    for heading in ("## Latency", "## Throughput", "## Serving", "## Size and memory", "## Parity", "## Ratios"):
+        assert heading in markdown
+    for plot in ("latency_vs_context.png", "throughput_vs_batch.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parity_is_computed_and_missing_peers_are_skipped_with_a_reason(bench_run):
+    results = json.loads((bench_run[1] / "results.json").read_text())
+    greedy = results["parity"]["greedy_vs_pytorch"]
+    assert greedy["engine-fp32"]["identical"] and greedy["optimum-fp32"]["identical"]
+    engines = results["parity"]["engine"]
+    assert engines["engine-fp32"]["logits"]["max_abs_logit_diff"] < 1e-4
+    quality = engines["engine-int8"]["quality"]
+    assert 0.9 <= quality["top1_agreement"] <= 1 and quality["mean_kl"] >= 0
+    assert "llama" in results["skipped"]["llamacpp-q8_0"]
+
+
+def test_checks_read_ratios_of_named_metrics():
+    results = {"latency": {"a": [{"point": {"prompt": 32, "batch": 1}, "per_token_ms": {"p50": 2.0},
+                                  "prefill_ms": {"median": 9.0}}],
+                           "b": [{"point": {"prompt": 32, "batch": 1}, "per_token_ms": {"p50": 10.0},
+                                  "prefill_ms": {"median": 30.0}}]}}
+    assert evaluate(results, "per_token:a/per_token:b<=0.25") == \
+           {"check": "per_token:a/per_token:b", "op": "<=", "bound": 0.25, "value": 0.2, "holds": True}
+    assert evaluate(results, "prefill:a>=10")["holds"] is False
+    assert evaluate(results, "per_token@512:a<=1")["holds"] is None  # not measured
+    with pytest.raises(ValueError, match="cannot read"):
+        evaluate(results, "per_token:a < 3")
+
+
+def test_bad_bench_arguments_exit_2():
+    done = subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", "bench", "--systems", "engine-fp32,vllm"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown system(s) vllm" in done.stderr
