@@ -87,16 +87,18 @@ class SharedBufferDecoder:
             raise Gpt2OnnxError("this fast graph was written by an older gpt2-onnx; re-export the model")
         self.session, self.info, self.device = session, info, device
         self.names = [f"{i}.{kv}" for i in range(info.n_layer) for kv in ("key", "value")]
+        past_type = next(i.type for i in session.get_inputs() if i.name == "past_key_values.0.key")
+        self.dtype = np.float16 if past_type == "tensor(float16)" else np.float32  # fp16 graphs keep an fp16 cache
         self.capacity = self.max_length = self.rows = 0
 
     def allocate(self, capacity: int, max_length: int) -> None:
         """Room for `capacity` rows of up to `max_length` tokens each (prompt + generated)."""
         shape = (capacity, self.info.n_head, max_length, self.info.head_dim)
         if self.device == "cpu":  # numpy owns the memory (zeroed lazily by the OS: pages are touched as used)
-            self.arrays = [np.zeros(shape, np.float32) for _ in self.names]
+            self.arrays = [np.zeros(shape, self.dtype) for _ in self.names]
             self.buffers = [ort.OrtValue.ortvalue_from_numpy(array) for array in self.arrays]
         else:
-            self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
+            self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0)
                             for _ in self.names]
         self.capacity, self.max_length, self.rows = capacity, max_length, 0
         self.lengths = np.zeros(capacity, np.int64)  # tokens in each row's cache
@@ -170,9 +172,9 @@ class SharedBufferDecoder:
             binding.bind_cpu_input(name, value)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         shape = self.buffers[0].shape()
-        row_bytes = int(np.prod(shape[1:])) * 4
+        row_bytes = int(np.prod(shape[1:])) * np.dtype(self.dtype).itemsize
         for name, buffer in zip(self.names, self.buffers):
-            view = dict(device_type=self.device, device_id=0, element_type=np.float32,
+            view = dict(device_type=self.device, device_id=0, element_type=self.dtype,
                         shape=[batch, *shape[1:]], buffer_ptr=buffer.data_ptr() + first_row * row_bytes)
             binding.bind_input(f"past_key_values.{name}", **view)
             binding.bind_output(f"present.{name}", **view)

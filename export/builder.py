@@ -85,10 +85,24 @@ class GraphWriter:
                       self.weight(f"{name}.bias", bias) if bias is not None else ""]
             return self.op("DynamicQuantizeMatMul", _trim(inputs), f"{name}/DynamicQuantizeMatMul",
                            domain="com.microsoft")[0]
-        out = self.op("MatMul", [x, self.weight(f"{name}.weight", weight_kn)], f"{name}/MatMul")[0]
+        dtype = self.quant.compute_dtype
+        if dtype != np.float32:
+            self.max_weight_error = max(self.max_weight_error, float(np.abs(weight_kn - weight_kn.astype(dtype)).max()))
+        out = self.op("MatMul", [x, self.weight(f"{name}.weight", weight_kn.astype(dtype))], f"{name}/MatMul")[0]
         if bias is None:
             return out
-        return self.op("Add", [out, self.weight(f"{name}.bias", bias)], f"{name}/Add")[0]
+        return self.op("Add", [out, self.weight(f"{name}.bias", bias.astype(dtype))], f"{name}/Add")[0]
+
+    def to_compute(self, x: str, name: str) -> str:
+        """The residual stream is fp32; in fp16 graphs the products read an fp16 copy of it."""
+        if self.quant.compute_dtype == np.float32:
+            return x
+        return self.op("Cast", [x], f"{name}/Cast_to_compute", to=TensorProto.FLOAT16)[0]
+
+    def to_residual(self, x: str, name: str) -> str:
+        if self.quant.compute_dtype == np.float32:
+            return x
+        return self.op("Cast", [x], f"{name}/Cast_to_residual", to=TensorProto.FLOAT)[0]
 
     def skip_layer_norm(self, name: str, x: str, skip: str, weights: dict, prefix: str, eps: float,
                         bias: np.ndarray | None = None) -> tuple[str, str]:
@@ -115,7 +129,8 @@ def build_graph(weights: dict[str, np.ndarray], shape: GraphShape, quant: QuantC
                                     shape.layer_norm_epsilon)
     for i in range(shape.n_layer):
         p, name = f"h.{i}", f"/model/layers.{i}"
-        qkv = g.linear(f"{name}/attn/qkv_proj", h, w[f"{p}.attn.c_attn.weight"], w[f"{p}.attn.c_attn.bias"])
+        qkv = g.linear(f"{name}/attn/qkv_proj", g.to_compute(h, f"{name}/attn"), w[f"{p}.attn.c_attn.weight"],
+                       w[f"{p}.attn.c_attn.bias"])
         attn, present_k, present_v = g.op(
             "GroupQueryAttention", [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                     "seqlens_k", "total_sequence_length"],
@@ -123,19 +138,22 @@ def build_graph(weights: dict[str, np.ndarray], shape: GraphShape, quant: QuantC
             num_heads=shape.n_head, kv_num_heads=shape.n_head)
         g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
         attn_out = g.linear(f"{name}/attn/o_proj", attn, w[f"{p}.attn.c_proj.weight"])
-        h, residual = g.skip_layer_norm(f"{name}/post_attention_layernorm", attn_out, residual, w, f"{p}.ln_2",
+        h, residual = g.skip_layer_norm(f"{name}/post_attention_layernorm", g.to_residual(attn_out, f"{name}/attn"),
+                                        residual, w, f"{p}.ln_2",
                                         shape.layer_norm_epsilon, bias=w[f"{p}.attn.c_proj.bias"])
-        up = g.linear(f"{name}/mlp/fc", h, w[f"{p}.mlp.c_fc.weight"])
-        act = g.op("FastGelu", [up, g.weight(f"{name}/mlp/fc.bias", w[f"{p}.mlp.c_fc.bias"])],
+        up = g.linear(f"{name}/mlp/fc", g.to_compute(h, f"{name}/mlp"), w[f"{p}.mlp.c_fc.weight"])
+        fc_bias = w[f"{p}.mlp.c_fc.bias"].astype(g.quant.compute_dtype)
+        act = g.op("FastGelu", [up, g.weight(f"{name}/mlp/fc.bias", fc_bias)],
                    f"{name}/mlp/FastGelu", domain="com.microsoft")[0]
         down = g.linear(f"{name}/mlp/proj", act, w[f"{p}.mlp.c_proj.weight"])
         next_norm = f"h.{i + 1}.ln_1" if i + 1 < shape.n_layer else "ln_f"
-        h, residual = g.skip_layer_norm(f"/model/layers.{i + 1}/input_layernorm", down, residual, w, next_norm,
+        h, residual = g.skip_layer_norm(f"/model/layers.{i + 1}/input_layernorm", g.to_residual(down, f"{name}/mlp"),
+                                        residual, w, next_norm,
                                         shape.layer_norm_epsilon, bias=w[f"{p}.mlp.c_proj.bias"])
     # [B, S, E] -> [B, N, E]: the LM head runs only where logits are asked for (the last position while
     # generating; every position when prompt log-probabilities are wanted)
     picked = g.op("Gather", [h, "logits_positions"], "/model/logits_positions/Gather", axis=1)[0]
-    logits = lm_head(picked)
+    logits = g.to_residual(lm_head(g.to_compute(picked, "/lm_head")), "/lm_head")  # logits are fp32 for every precision
     g.nodes[-1].output[0] = "logits"
     return _model(g, shape), g.max_weight_error
 
@@ -163,12 +181,12 @@ def _embedding_and_head(g: GraphWriter, wte: np.ndarray, shape: GraphShape):
                         K=shape.n_embd, N=shape.vocab_size, bits=bits, block_size=g.quant.block_size,
                         accuracy_level=g.quant.accuracy_level)[0]
         return embed, head
-    table = g.weight("wte.weight", wte)
+    table = g.weight("wte.weight", wte.astype(g.quant.compute_dtype))
 
-    def embed_fp32(ids: str) -> str:
-        return g.op("Gather", [table, ids], "/model/embed_tokens/Gather")[0]
+    def embed_dense(ids: str) -> str:
+        return g.to_residual(g.op("Gather", [table, ids], "/model/embed_tokens/Gather")[0], "/model/embed_tokens")
 
-    def head_fp32(x: str) -> str:
+    def head_dense(x: str) -> str:
         # Gemm(transB) multiplies by wte^T without a transposed copy, but only in 2-D: [B, N, E] -> [B*N, E]
         rows = g.op("Reshape", [x, g.weight("lm_head_rows", np.array([-1, shape.n_embd]))], "/lm_head/Reshape")[0]
         flat = g.op("Gemm", [rows, table], "/lm_head/Gemm", transB=1)[0]
@@ -176,11 +194,12 @@ def _embedding_and_head(g: GraphWriter, wte: np.ndarray, shape: GraphShape):
         out_shape = g.op("Concat", [batch_positions, g.weight("vocab_size", np.array([shape.vocab_size]))],
                          "/lm_head/Concat", axis=0)[0]
         return g.op("Reshape", [flat, out_shape], "/lm_head/Reshape_out")[0]
-    return embed_fp32, head_fp32
+    return embed_dense, head_dense
 
 
 def _model(g: GraphWriter, shape: GraphShape) -> onnx.ModelProto:
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    kv = TensorProto.FLOAT16 if g.quant.compute_dtype == np.float16 else f32
     cache = ["batch_size", shape.n_head, "max_sequence_length", shape.head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
@@ -189,9 +208,9 @@ def _model(g: GraphWriter, shape: GraphShape) -> onnx.ModelProto:
               helper.make_tensor_value_info("logits_positions", i64, ["num_logits"])]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "num_logits", shape.vocab_size])]
     for i in range(shape.n_layer):
-        for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, cache))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32, cache))
+        for name in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{name}", kv, cache))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{name}", kv, cache))
     graph = helper.make_graph(g.nodes, "gpt2", inputs, outputs, g.initializers)
     return helper.make_model(graph, opset_imports=OPSET, producer_name="gpt2-onnx")
 

@@ -15,7 +15,7 @@ import numpy as np
 from gpt2_onnx.errors import Gpt2OnnxError
 
 BLOCK_SIZES = (16, 32, 64, 128)
-PRECISIONS = ("fp32", "int8", "int4")  # fp16 for CUDA is not built yet
+PRECISIONS = ("fp32", "int8", "int4", "fp16")  # fp16 is for the CUDA provider
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,12 @@ class QuantConfig:
         return cls("fp32")
 
     @classmethod
+    def fp16(cls) -> QuantConfig:
+        """Weights, matrix products, attention and KV cache in fp16; the residual stream, LayerNorms and
+        the logits stay fp32 (GPT-2's activations overflow fp16 there)."""
+        return cls("fp16")
+
+    @classmethod
     def int8(cls, block_size: int = 32, symmetric: bool = True) -> QuantConfig:
         return cls("int8", block_size=block_size, symmetric=symmetric)
 
@@ -57,6 +63,11 @@ class QuantConfig:
     def head_bits(self) -> int | None:
         bits = self.lm_head_bits or self.block_bits
         return None if bits == 32 else bits
+
+    @property
+    def compute_dtype(self) -> type:
+        """The type of the matrix products, attention and KV cache."""
+        return np.float16 if self.precision == "fp16" else np.float32
 
     def check_width(self, n_embd: int) -> None:
         if self.block_bits and n_embd % self.block_size:

@@ -18,7 +18,8 @@ def add_export(sub) -> None:
     p.add_argument("source", help="hub id (gpt2, distilgpt2, ...), a local checkpoint folder, or random:<preset>")
     p.add_argument("out_dir", help="folder to write (refused if it exists and is not empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
-    p.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "int8", "int4", "fp16"], default="fp32",
+                   help="fp16 is meant for --provider cuda (on CPU it runs, slower than fp32)")
     p.add_argument("--graph", choices=["fast", "reference"], default="fast",
                    help="fast: the engine's fused graph; reference: Optimum's plain export (fp32)")
     q = p.add_argument_group("quantization")
@@ -41,7 +42,7 @@ def quant_config(args):
     elif args.precision == "int8":
         defaults = QuantConfig.int8(block_size=args.block_size)
     else:
-        return QuantConfig.fp32()
+        return QuantConfig.fp16() if args.precision == "fp16" else QuantConfig.fp32()
     symmetric = defaults.symmetric if args.asymmetric is None else not args.asymmetric
     return QuantConfig(args.precision, block_size=args.block_size, symmetric=symmetric,
                        lm_head_bits=args.lm_head_bits or defaults.lm_head_bits)

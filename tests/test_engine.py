@@ -13,6 +13,8 @@ import torch
 from gpt2_onnx.engine import Engine, GenerationConfig
 from gpt2_onnx.errors import Gpt2OnnxError
 
+from .conftest import requires_cuda
+
 PROMPTS = {
     "ascii": "The quick brown fox jumps over the lazy dog",
     "non-ascii": "Übermäßig schöne Grüße aus Köln — ça va? 東京では雨が降っている",
@@ -173,6 +175,18 @@ def test_cuda_provider_says_what_is_missing(tiny_export):
         pytest.skip("CUDA is available here")
     with pytest.raises(Gpt2OnnxError, match="onnxruntime-gpu"):
         Engine(tiny_export, provider="cuda")
+
+
+@requires_cuda
+def test_cuda_keeps_the_kv_buffers_on_the_device_and_matches_cpu(tiny_export, tiny_engine):
+    engine = Engine(tiny_export, provider="cuda")
+    decoder = engine.new_decoder()
+    decoder.allocate(capacity=2, max_length=64)
+    assert decoder.buffers[0].device_name().lower() == "cuda"
+    prompts = [PROMPTS["ascii"], PROMPTS["code"]]
+    config = GenerationConfig(max_new_tokens=24)
+    assert [r.token_ids for r in engine.generate(prompts, config)] == \
+           [r.token_ids for r in tiny_engine.generate(prompts, config)]
 
 
 def test_engine_import_needs_no_torch_or_transformers():

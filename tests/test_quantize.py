@@ -14,7 +14,7 @@ from gpt2_onnx.errors import Gpt2OnnxError
 from gpt2_onnx.export import QuantConfig, export_model
 from gpt2_onnx.export.quantize import dequantize, quantize_blockwise
 
-from .conftest import EVAL_TEXT, TINY, TRAINED
+from .conftest import EVAL_TEXT, TINY, TRAINED, requires_cuda
 
 
 @pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True), (8, False)],
@@ -96,3 +96,42 @@ def test_quality_on_the_trained_fixture(tmp_path, name, quant, min_top1, max_rat
     assert quality["tokens"] == 48 * 128
     assert quality["top1_agreement"] >= min_top1, quality
     assert quality["perplexity_ratio"] <= max_ratio, quality
+
+
+@pytest.fixture(scope="module")
+def fp16_export(tiny_checkpoint, tmp_path_factory):
+    return export_model(str(tiny_checkpoint), tmp_path_factory.mktemp("fp16") / "fp16", quant=QuantConfig.fp16(),
+                        eval_windows=8, log=lambda _: None)
+
+
+def test_fp16_keeps_the_residual_stream_layernorms_and_logits_in_fp32(fp16_export):
+    graph = onnx.load(str(fp16_export.out_dir / "model.onnx")).graph
+    weights = {t.name: t.data_type for t in graph.initializer}
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 4 * TINY["n_layer"] and all(weights[n.input[1]] == f16 for n in matmuls)
+    assert weights["wte.weight"] == f16
+    for node in graph.node:
+        if node.op_type == "SkipLayerNormalization":  # LayerNorm and the residual add read fp32 gamma/beta/bias
+            assert all(weights[name] == f32 for name in node.input[2:] if name in weights)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
+    assert types["logits"] == f32 and types["past_key_values.0.key"] == f16 and types["present.1.value"] == f16
+    assert fp16_export.manifest["precision"] == "fp16"
+
+
+def test_fp16_matches_pytorch(fp16_export, tiny_engine):
+    parity = fp16_export.manifest["parity"]
+    assert parity["greedy_tokens_match"] and parity["max_abs_logit_diff"] < 1e-2
+    assert fp16_export.manifest["quality"]["top1_agreement"] >= 0.99
+    engine = Engine(fp16_export.out_dir)
+    config = GenerationConfig(max_new_tokens=16)
+    prompts = ["Hello there", "The quick brown fox"]
+    assert [r.token_ids for r in engine.generate(prompts, config)] == \
+           [r.token_ids for r in tiny_engine.generate(prompts, config)]
+
+
+@requires_cuda
+def test_fp16_on_cuda_matches_fp32_on_cpu(fp16_export, tiny_engine):
+    engine = Engine(fp16_export.out_dir, provider="cuda")
+    config = GenerationConfig(max_new_tokens=16)
+    assert engine.generate("Hello there", config).token_ids == tiny_engine.generate("Hello there", config).token_ids
