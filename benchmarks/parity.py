@@ -25,11 +25,12 @@ def greedy_agreement(tokens: dict[str, np.ndarray], reference: str = "pytorch") 
 
 
 def engine_parity(systems: list[System], checkpoint: Path, eval_text: Path | None, windows: int,
-                  log: Callable[[str], None] = print) -> dict:
-    """max |Δlogit| (prefill + 8 decode steps) for every engine export, and quality for the quantized ones."""
+                  log: Callable[[str], None] = print, random_text: bool = False) -> dict:
+    """max |Δlogit| (prefill + 8 decode steps) for every engine export, and quality for the quantized ones,
+    on `eval_text`, else on text sampled from the fp32 model, or (`random_text`, quick runs) on random ids."""
     from gpt2_onnx.export.load import load_checkpoint
     from gpt2_onnx.export.parity import measure_parity
-    from gpt2_onnx.export.quality import evaluation_windows, measure_quality
+    from gpt2_onnx.export.quality import WINDOW, evaluation_windows, measure_quality
 
     loaded = load_checkpoint(str(checkpoint))
     engines = [s for s in systems if isinstance(s, EngineSystem)]
@@ -39,7 +40,11 @@ def engine_parity(systems: list[System], checkpoint: Path, eval_text: Path | Non
         log(f"  {system.name}: logits against PyTorch")
         out[system.name] = {"logits": measure_parity(loaded.model, system.folder)}
         if system.engine.info.precision != "fp32":
-            if text_windows is None:
+            if text_windows is None and eval_text is None and random_text:
+                vocab = loaded.model.config.vocab_size
+                text_windows = np.random.default_rng(0).integers(0, min(vocab, 50000), (windows, WINDOW))
+                described = f"random token ids, {windows} windows of {WINDOW}"
+            elif text_windows is None:
                 text_windows, described = evaluation_windows(loaded.tokenizer, loaded.model, eval_text, windows)
             log(f"  {system.name}: quality on {described}")
             out[system.name]["quality"] = {"text": described,

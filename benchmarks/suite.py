@@ -27,6 +27,7 @@ from .systems import System, make_systems
 
 ALL_SYSTEMS = ("engine-fp32", "engine-int8", "engine-int4", "pytorch", "optimum-fp32", "optimum-int8",
                "ctranslate2-int8", "llamacpp-q8_0")
+QUICK_SYSTEMS = tuple(s for s in ALL_SYSTEMS if s != "optimum-fp32")  # the slowest to load
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class BenchConfig:
     out: Path = Path("bench-results")
     quick: bool = False  # fewer points, rounds and tokens: a smoke run in about two minutes
     threads: int = 2
-    systems: tuple[str, ...] = ALL_SYSTEMS
+    systems: tuple[str, ...] | None = None  # default: ALL_SYSTEMS (quick: QUICK_SYSTEMS)
     reps: int | None = None  # alternating rounds (default 5, quick 2)
     checks: tuple[str, ...] = ()
     eval_text: Path | None = None
@@ -55,7 +56,7 @@ class BenchConfig:
 
     def throughput_points(self, context: int) -> list[Point]:
         batches = (4,) if self.quick else (1, 4, 16, 64)
-        return [Point(b, 32, 16 if self.quick else 32) for b in batches if 48 <= context]
+        return [Point(b, 32, 16) for b in batches if 48 <= context]
 
 
 @dataclass
@@ -67,11 +68,14 @@ class Suite:
     def run(self) -> dict:
         c = self.config
         started = time.perf_counter()
+        log = self.log
+        self.log = lambda line: log(f"{time.perf_counter() - started:6.1f}s {line}")
         cache = ExportCache(c.source, c.cache, log=self.log)
         self.log(f"[1/7] exports for {c.source} (cached)")
-        systems, skipped = make_systems(list(c.systems), cache, c.threads)
+        names = c.systems or (QUICK_SYSTEMS if c.quick else ALL_SYSTEMS)
+        systems, skipped = make_systems(list(names), cache, c.threads)
         if not systems:
-            raise Gpt2OnnxError(f"none of the systems {', '.join(c.systems)} can run here: {skipped}")
+            raise Gpt2OnnxError(f"none of the systems {', '.join(names)} can run here: {skipped}")
         self.log(f"[2/7] loading {', '.join(s.name for s in systems)}" +
                  "".join(f"\n      skipped {name}: {why}" for name, why in skipped.items()))
         facts = {}
@@ -91,8 +95,9 @@ class Suite:
             self.results[key] = {s.name: [summarize(runs[s.name, p], p, s.weight_bytes) for p in points]
                                  for s in systems}
         if c.memory:
-            self.log("[4/7] memory and cold start, one process per system")
-            self.results["memory"] = {s.name: self._probe(s, cache, context, vocab) for s in systems}
+            probed = [s for s in systems if s.name.startswith("engine-")] if c.quick else systems
+            self.log(f"[4/7] memory and cold start, one process per system: {', '.join(s.name for s in probed)}")
+            self.results["memory"] = {s.name: self._probe(s, cache, context, vocab) for s in probed}
         engines = [s for s in systems if s.name.startswith("engine-")]
         if c.serving and engines:
             served = next((s for s in engines if s.name == "engine-int8"), engines[0])
@@ -105,7 +110,8 @@ class Suite:
         first = latency_points[0]
         self.results["parity"] = {
             "greedy_vs_pytorch": greedy_agreement({s.name: runs[s.name, first][0].tokens[0] for s in systems}),
-            "engine": engine_parity(systems, cache.checkpoint(), c.eval_text, 4 if c.quick else 32, self.log)}
+            "engine": engine_parity(systems, cache.checkpoint(), c.eval_text, 4 if c.quick else 32, self.log,
+                                    random_text=c.quick)}
         self.results["targets"] = [evaluate(self.results, f"{lhs}{op}{bound}") for lhs, op, bound in TARGETS]
         self.results["checks"] = [evaluate(self.results, check) for check in c.checks]
         self.results["elapsed_s"] = time.perf_counter() - started
@@ -117,7 +123,7 @@ class Suite:
         long_tokens = 64 if self.config.quick else min(1000, context - 40)
         spec = {"name": system.name, "folder": str(system.folder), "checkpoint": str(cache.checkpoint()),
                 "threads": self.config.threads, "prompt": 32, "vocab_size": vocab, "spawned_at": time.time(),
-                "long_tokens": long_tokens if system.name.startswith("engine") or not self.config.quick else 0}
+                "long_tokens": long_tokens}
         done = subprocess.run([sys.executable, "-m", "gpt2_onnx.benchmarks.probe", json.dumps(spec)],
                               capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:

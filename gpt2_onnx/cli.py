@@ -161,7 +161,8 @@ def add_bench(sub) -> None:
     p.add_argument("--quick", action="store_true", help="fewer points and rounds: a smoke run")
     p.add_argument("--out", default="bench-results", help="folder for results.json, results.md and the plots")
     p.add_argument("--threads", type=int, default=2, help="threads for every system (pinned, stated in the report)")
-    p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comma-separated, from the default list")
+    p.add_argument("--systems", default=None,
+                   help=f"comma-separated, from {','.join(ALL_SYSTEMS)} (default: all; --quick: all but optimum-fp32)")
     p.add_argument("--reps", type=int, default=None, help="alternating rounds (default 5, quick 2)")
     p.add_argument("--check", action="append", default=[], metavar="EXPR",
                    help="gate, e.g. 'per_token:engine-int8/per_token:optimum-int8<=0.25'; exit 1 if one fails")
@@ -176,8 +177,8 @@ def run_bench(args) -> int:
     from gpt2_onnx.benchmarks.report import evaluate
     from gpt2_onnx.benchmarks.suite import ALL_SYSTEMS, BenchConfig, Suite, failed_checks
 
-    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
-    unknown = [s for s in systems if s not in ALL_SYSTEMS]
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip()) if args.systems else None
+    unknown = [s for s in systems or () if s not in ALL_SYSTEMS]
     if unknown:
         raise Gpt2OnnxError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(ALL_SYSTEMS)}")
     for check in args.check:
