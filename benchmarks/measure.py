@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from .systems import Run, System
+
+# Thread pools spin after their work (OpenMP's block time is ~200 ms): on a small machine the previous
+# system's spinning threads would steal the next one's first milliseconds, inflating its prefill.
+SETTLE_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ def measure(systems: list[System], points: list[Point], reps: int, vocab_size: i
             system.run(ids, min(point.new_tokens, 4))
         for rep in range(reps):
             for system in systems if rep % 2 == 0 else systems[::-1]:
+                time.sleep(SETTLE_S)
                 runs.setdefault((system.name, point), []).append(system.run(ids, point.new_tokens))
     return runs
 
