@@ -1,31 +1,50 @@
 """One system in a fresh process: cold start to the first token, peak memory, memory growth over a long run.
 
     python -m gpt2_onnx.benchmarks.probe '{"name": ..., "folder": ..., "checkpoint": ..., "threads": 2,
-                                           "prompt": 32, "long_tokens": 990, "spawned_at": <time.time()>}'
+                                           "prompt": 32, "long_tokens": 984, "vocab_size": 50257,
+                                           "spawned_at": <time.time()>}'
 
-Prints one JSON line. Peak resident memory is the kernel's high-water mark (VmHWM), read after loading,
-after a 10-token generation and after a long one, so the growth between the last two is what a long
-sequence costs (for the engine: its KV buffer).
+Prints one JSON line. Resident memory is sampled every few milliseconds while each generation runs, so
+`rss_growth_long_vs_10_mb` is what a long sequence costs beyond a short one (for the engine: its KV buffer,
+whose size is reported beside it). The process's overall high-water mark (VmHWM) is `peak_rss_mb`.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
+import threading
 import time
 
 
-def peak_rss_mb() -> float:
-    """This process's resident high-water mark. (getrusage's ru_maxrss is no use here: Linux carries it over
-    from the parent across fork and exec, so a child started by a big parent reports the parent's peak.)"""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
+def status_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (resident at most) of this process, from /proc."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return 0.0
+
+
+class RssSampler:
+    """The largest resident size seen while a `with` block runs."""
+
+    def __init__(self, every_s: float = 0.005) -> None:
+        self.every_s, self.largest, self.done = every_s, 0.0, threading.Event()
+
+    def __enter__(self) -> RssSampler:
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self.largest = max(self.largest, status_mb("VmRSS"))
+
+    def _sample(self) -> None:
+        while not self.done.wait(self.every_s):
+            self.largest = max(self.largest, status_mb("VmRSS"))
 
 
 def main(spec: dict) -> dict:
@@ -38,15 +57,21 @@ def main(spec: dict) -> dict:
     loaded = time.time()
     ids = prompt_ids(Point(1, spec["prompt"], 1), vocab_size=spec["vocab_size"])
     first = system.run(ids, 1)
-    first_token = loaded + first.step_times[0]
     report = {"import_s": imported - spec["spawned_at"], "load_s": loaded - imported,
-              "cold_start_s": first_token - spec["spawned_at"], "peak_rss_after_load_mb": peak_rss_mb()}
-    system.run(ids, 10)
-    report["peak_rss_after_10_tokens_mb"] = peak_rss_mb()
+              "cold_start_s": loaded + first.step_times[0] - spec["spawned_at"], "rss_after_load_mb": status_mb("VmRSS")}
+    with RssSampler() as short:
+        system.run(ids, 10)
+    report["rss_during_10_tokens_mb"] = short.largest
     if spec["long_tokens"] > 10:
-        system.run(ids, spec["long_tokens"])
-        report[f"peak_rss_after_{spec['long_tokens']}_tokens_mb"] = peak_rss_mb()
-        report["rss_growth_long_vs_10_mb"] = peak_rss_mb() - report["peak_rss_after_10_tokens_mb"]
+        with RssSampler() as long:
+            system.run(ids, spec["long_tokens"])
+        report[f"rss_during_{spec['long_tokens']}_tokens_mb"] = long.largest
+        report["rss_growth_long_vs_10_mb"] = long.largest - short.largest
+        if spec["name"].startswith("engine-"):  # [layers x K and V x (prompt + new) x width] floats
+            config = json.loads((system.folder / "config.json").read_text())
+            tokens = spec["prompt"] + spec["long_tokens"]
+            report["kv_buffer_mb"] = 2 * config["n_layer"] * tokens * config["n_embd"] * 4 / 2**20
+    report["peak_rss_mb"] = status_mb("VmHWM")
     return report
 
 

@@ -15,12 +15,13 @@ TARGETS = [
     ("per_token@1000:engine-int8/per_token:engine-int8", "<=", 1.7),
     ("prefill@512:engine-int8/prefill@512:pytorch", "<=", 0.5),
     ("throughput@16:engine-int8", ">=", 1000.0),
+    ("rss_growth:engine-int8/kv_buffer:engine-int8", "<=", 1.0),
 ]
 CHECK = re.compile(r"^\s*(?P<lhs>[^<>=]+?)\s*(?P<op><=|>=)\s*(?P<value>[0-9.eE+-]+)\s*$")
 
 
 def metric(results: dict, term: str) -> float | None:
-    """`per_token[@L]`, `prefill[@L]`, `throughput@B`, `cold_start`, `peak_rss`, `rss_growth` of a system,
+    """`per_token[@L]`, `prefill[@L]`, `throughput@B`, `cold_start`, `peak_rss`, `rss_growth`, `kv_buffer` of a system,
     written `METRIC:SYSTEM`; None where the suite did not measure it."""
     name, _, system = term.partition(":")
     kind, _, at = name.partition("@")
@@ -34,9 +35,8 @@ def metric(results: dict, term: str) -> float | None:
         rows = [r for r in results.get("throughput", {}).get(system, []) if r["point"]["batch"] == int(at or 1)]
         return rows[0]["decode_tokens_per_s"]["median"] if rows else None
     memory = results.get("memory", {}).get(system, {})
-    key = {"cold_start": "cold_start_s", "rss_growth": "rss_growth_long_vs_10_mb"}.get(kind)
-    if kind == "peak_rss":
-        return max((v for k, v in memory.items() if k.startswith("peak_rss")), default=None)
+    key = {"cold_start": "cold_start_s", "rss_growth": "rss_growth_long_vs_10_mb", "kv_buffer": "kv_buffer_mb"}.get(kind)
+    key = key or {"peak_rss": "peak_rss_mb"}.get(kind)
     return memory.get(key) if key else None
 
 
@@ -100,12 +100,12 @@ def _latency_table(results: dict) -> list[str]:
     for name, rows in latency.items():
         by_prompt = {r["point"]["prompt"]: r for r in rows}
         head = by_prompt.get(first, {})
-        cells = [_cell(head, "prefill_ms"), f"{_cell(head, 'per_token_ms', 'p50', 2)} / {_cell(head, 'per_token_ms', 'p90', 2)}"]
+        cells = [_cell(head, "prefill_ms"),
+                 f"{_cell(head, 'per_token_ms', 'p50', 2)} / {_cell(head, 'per_token_ms', 'p90', 2)}"]
         cells += [f"{_cell(by_prompt[p], 'per_token_ms', 'p50', 2)} / {by_prompt[p]['prefill_ms']['median']:.1f}"
                   if p in by_prompt else "–" for p in prompts[1:]]
-        bandwidth = head.get("weight_gb_per_s")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {bandwidth:.1f} |" if bandwidth else f"| {name} | "
-                     + " | ".join(cells) + " | – |")
+        cells.append(_num(head.get("weight_gb_per_s"), 1))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -142,12 +142,12 @@ def _memory_table(results: dict) -> list[str]:
         return []
     lines = ["## Size and memory (each system in its own process)", "",
              "| system | folder MB | weights read per token MB | cold start to first token, s | peak RSS MB | "
-             "RSS growth, long run vs 10 tokens, MB |", "|---|---|---|---|---|---|"]
+             "RSS growth, long run vs 10 tokens, MB | KV buffer of the long run, MB |", "|---|---|---|---|---|---|---|"]
     for name, facts in systems.items():
         probe = memory.get(name, {})
-        peak = max((v for k, v in probe.items() if k.startswith("peak_rss")), default=None)
         lines.append(f"| {name} | {facts['folder_mb']:.1f} | {facts['weight_mb_per_token']:.1f} | "
-                     f"{_num(probe.get('cold_start_s'), 2)} | {_num(peak, 0)} | {_num(probe.get('rss_growth_long_vs_10_mb'), 1)} |")
+                     f"{_num(probe.get('cold_start_s'), 2)} | {_num(probe.get('peak_rss_mb'), 0)} | "
+                     f"{_num(probe.get('rss_growth_long_vs_10_mb'), 1)} | {_num(probe.get('kv_buffer_mb'), 1)} |")
     return lines + [""]
 
 

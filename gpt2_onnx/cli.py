@@ -189,7 +189,8 @@ def run_bench(args) -> int:
     config = BenchConfig(source=args.model, out=Path(args.out), quick=args.quick, threads=args.threads,
                          systems=systems, reps=args.reps, checks=tuple(args.check),
                          eval_text=Path(args.eval_text) if args.eval_text else None, memory=not args.no_memory,
-                         cache=Path(args.cache) if args.cache else None, command=" ".join(["gpt2-onnx bench", *sys.argv[2:]]))
+                         cache=Path(args.cache) if args.cache else None,
+                         command=" ".join(["gpt2-onnx bench", *sys.argv[2:]]))
     results = Suite(config).run()
     print((Path(args.out) / "results.md").read_text())
     failed = failed_checks(results)
