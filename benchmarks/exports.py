@@ -12,20 +12,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
+
+from gpt2_onnx.export.manifest import package_versions
 
 PACKAGES = ("gpt2-onnx", "torch", "transformers", "onnxruntime", "optimum", "optimum-onnx", "ctranslate2")
 
 
 def versions() -> dict[str, str | None]:
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    return package_versions(PACKAGES)
 
 
 class ExportCache:
