@@ -131,8 +131,9 @@ def _submit(engine: Engine, scheduler: Scheduler, body: CompletionRequest) -> tu
                 row = engine.new_row(prompt, config, seed_offset=j)
             except Gpt2OnnxError as exc:
                 raise ApiError(400, str(exc), "prompt") from None
-            if len(row.prompt) + (body.max_tokens or 0) > engine.info.n_positions:
-                raise ApiError(400, f"prompt ({len(row.prompt)} tokens) + max_tokens ({body.max_tokens}) exceeds the "
+            new_tokens = config.max_new_tokens if body.max_tokens != 0 else 0  # None means OpenAI's default, 16
+            if len(row.prompt) + new_tokens > engine.info.n_positions:
+                raise ApiError(400, f"prompt ({len(row.prompt)} tokens) + max_tokens ({new_tokens}) exceeds the "
                                     f"model's context of {engine.info.n_positions} tokens", "max_tokens")
             jobs.append(Job(row, emit, index=i * body.n + j, logprobs=body.logprobs, echo=body.echo,
                             generate=body.max_tokens != 0))

@@ -155,6 +155,7 @@ def _torch_model(engine):
     ({"prompt": [[]]}, "prompt"),
     ({"prompt": [70000]}, "prompt"),
     ({"prompt": "hi", "max_tokens": 2000}, "max_tokens"),
+    ({"prompt": [11] * 1020}, "max_tokens"),  # no max_tokens: OpenAI's default of 16 must fit too
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
     ({"prompt": "hi", "n": 0}, "n"),
