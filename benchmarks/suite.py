@@ -84,8 +84,8 @@ class Suite:
             system.load()
             facts[system.name] = {**system.notes, "load_s": time.perf_counter() - start,
                                   "weight_mb_per_token": system.weight_bytes / 1e6}
-        context = json.loads((cache.checkpoint() / "config.json").read_text())["n_positions"]
-        vocab = json.loads((cache.checkpoint() / "config.json").read_text())["vocab_size"]
+        model_config = json.loads((cache.checkpoint() / "config.json").read_text())
+        context, vocab = model_config["n_positions"], model_config["vocab_size"]
         self.results = {"machine": machine_facts(c.threads), "config": {**asdict(c), "reps": c.rounds},
                         "systems": facts, "skipped": skipped}
         self.log("[3/7] latency and throughput")

@@ -48,8 +48,7 @@ class TextGenerationPipeline:
         if max_new_tokens < 1:
             raise Gpt2OnnxError(f"the prompt has {prompt_tokens} tokens, as many as max_length allows; "
                                 "pass max_new_tokens=N")
-        settings = {"do_sample": self.defaults["do_sample"], **{k: v for k, v in self.defaults.items()
-                                                                  if k in GENERATE_OPTIONS}, **options}
+        settings = {**{k: v for k, v in self.defaults.items() if k in GENERATE_OPTIONS}, **options}
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         config = GenerationConfig(max_new_tokens=max_new_tokens, stop=stop, **settings)
         if count > 1 and not config.greedy and config.seed is not None:  # distinct seeds, distinct samples
