@@ -177,11 +177,11 @@ def gguf_model(cache: ExportCache, llama: LlamaCpp, precision: str, threads: int
     """The suite's checkpoint as a GGUF file at `precision` (f32, q8_0, q4_0, q4_k_m), built once and cached."""
     if precision not in PRECISIONS:
         raise Gpt2OnnxError(f"unknown llama.cpp precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    import gguf
+    from importlib.metadata import version
 
     from .gguf_convert import convert_to_gguf
 
-    f32 = cache.folder(f"llamacpp-f32-gguf{gguf.__version__}",
+    f32 = cache.folder(f"llamacpp-f32-gguf{version('gguf')}",
                        lambda out: convert_to_gguf(cache.checkpoint(), _made(out) / "model.gguf")) / "model.gguf"
     if precision == "f32":
         return f32
@@ -200,3 +200,11 @@ def gguf_model(cache: ExportCache, llama: LlamaCpp, precision: str, threads: int
 def _made(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of the tensors a decode step reads: all but the position table, which is only gathered from
+    (GPT-2's head is tied: `token_embd` is read whole by the output projection, so it counts)."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name != "position_embd.weight")

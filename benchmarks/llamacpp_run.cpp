@@ -7,15 +7,18 @@
 //
 //   gpt2-onnx-llama-run MODEL.gguf THREADS
 //   stdin, one request per line:  NEW_TOKENS B L WANT_LOGITS id_0 ... id_{B*L-1}
-//   stdout, one JSON line each:   {"times": [s, ...], "tokens": [[...], ...], "logits": [...]}
+//   stdout, one JSON line each:   {"times": [s, ...], "tokens": [[...], ...], "logits": [...],
+//                                  "rss_mb": ..., "peak_rss_mb": ...}
 //
 // times[k] is seconds from the request to step k's tokens (step 0: the prefill); logits, when asked for,
-// are row 0's after the prefill. Built by benchmarks/llamacpp.py against the llama.cpp it benchmarks.
+// are row 0's after the prefill; rss_mb / peak_rss_mb are this process's VmRSS / VmHWM (the suite's memory
+// probe runs in Python, and llama.cpp's memory is here). Built by benchmarks/llamacpp.py against the llama.cpp it benchmarks.
 #include "llama.h"
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <sstream>
 #include <string>
@@ -29,6 +32,13 @@ struct Shape {
 
 void quiet(enum ggml_log_level level, const char * text, void *) {
     if (level == GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
+}
+
+double status_mb(const std::string & field) {  // VmRSS or VmHWM from /proc/self/status, in MiB
+    std::ifstream status("/proc/self/status");
+    for (std::string line; std::getline(status, line);)
+        if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1)) / 1024;
+    return 0;
 }
 
 llama_token argmax(const float * logits, int n_vocab) {
@@ -128,7 +138,8 @@ int main(int argc, char ** argv) {
         }
         json << "], \"logits\": [";
         for (size_t i = 0; i < first_logits.size(); ++i) json << (i ? ", " : "") << first_logits[i];
-        std::cout << json.str() << "]}" << std::endl;
+        json << "], \"rss_mb\": " << status_mb("VmRSS") << ", \"peak_rss_mb\": " << status_mb("VmHWM");
+        std::cout << json.str() << "}" << std::endl;
     }
     if (ctx) llama_free(ctx);
     llama_model_free(model);

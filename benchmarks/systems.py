@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,22 +144,69 @@ class CTranslate2System(System):
         return Run(times, np.array([r.sequences_ids[0] for r in results]))
 
 
-CLASSES = {"engine": EngineSystem, "pytorch": TorchSystem, "optimum": OptimumSystem, "ctranslate2": CTranslate2System}
-NEEDS = {"optimum": "optimum.onnxruntime", "ctranslate2": "ctranslate2", "llamacpp": "llama_cpp"}
+@dataclass
+class LlamaCppSystem(System):
+    """llama.cpp (a GGUF file in `folder`) through the suite's driver, benchmarks/llamacpp_run.cpp: the same
+    prompt ids, greedy, one process kept for all runs; `llama_dir` is --llama-cpp (None: the cached build)."""
+
+    llama_dir: Path | None = None
+
+    def load(self) -> None:
+        from .llamacpp import gguf_weight_bytes, llama_cpp
+
+        runner = llama_cpp(self.llama_dir, log=lambda _: None).runner
+        self.process = subprocess.Popen([str(runner), str(self.folder / "model.gguf"), str(self.threads)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = self.process.stdout.readline()
+        if not ready.startswith('{"ready"'):
+            raise RuntimeError(f"llama.cpp driver failed to load {self.folder / 'model.gguf'} (exit {self.process.wait()})")
+        self.weight_bytes = gguf_weight_bytes(self.folder / "model.gguf")
+
+    def run(self, prompts: np.ndarray, new_tokens: int, logits: bool = False) -> Run:
+        rows, length = prompts.shape  # [B, L]
+        self.process.stdin.write(f"{new_tokens} {rows} {length} {int(logits)} {' '.join(map(str, prompts.ravel()))}\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"llama.cpp driver exited ({self.process.wait()}) on a batch of {rows} x {length}")
+        reply = json.loads(line)
+        self.notes.update(rss_mb=reply["rss_mb"], peak_rss_mb=reply["peak_rss_mb"])
+        self.first_logits = np.array(reply["logits"], dtype=np.float32)  # [vocab] row 0 after prefill, if asked
+        return Run(reply["times"], np.array(reply["tokens"]))
+
+    def close(self) -> None:
+        if getattr(self, "process", None) and self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
 
 
-def make_systems(names: list[str], cache: ExportCache, threads: int) -> tuple[list[System], dict[str, str]]:
-    """The systems asked for (built or taken from the cache), and for each that cannot run here, why."""
+CLASSES = {"engine": EngineSystem, "pytorch": TorchSystem, "optimum": OptimumSystem, "ctranslate2": CTranslate2System,
+           "llamacpp": LlamaCppSystem}
+NEEDS = {"optimum": "optimum.onnxruntime", "ctranslate2": "ctranslate2", "llamacpp": "gguf"}
+
+
+def make_systems(names: list[str], cache: ExportCache, threads: int,
+                 llama_dir: Path | None = None) -> tuple[list[System], dict[str, str]]:
+    """The systems asked for (built or taken from the cache), and for each that cannot run here, why.
+    llama.cpp systems use the build in `llama_dir` (--llama-cpp), else build it once (cached)."""
     systems, skipped = [], {}
     for name in names:
         kind, _, precision = name.partition("-")
-        if kind not in CLASSES and kind != "llamacpp":
+        if kind not in CLASSES:
             raise ValueError(f"unknown system {name!r}")
         if kind in NEEDS and (missing := _missing(NEEDS[kind])):
             skipped[name] = missing
             continue
         if kind == "llamacpp":
-            skipped[name] = "llama-cpp-python is installed, but this suite has no GGUF converter for GPT-2 yet"
+            from .llamacpp import LlamaCppUnavailable, gguf_model, llama_cpp
+
+            try:
+                model = gguf_model(cache, llama_cpp(llama_dir, log=cache.log), precision, threads)
+            except LlamaCppUnavailable as why:
+                skipped[name] = str(why)
+                continue
+            systems.append(LlamaCppSystem(name, threads, model.parent, cache.checkpoint(), llama_dir=llama_dir))
+            systems[-1].notes["folder_mb"] = round(model.stat().st_size / 1e6, 1)
             continue
         folder = {"engine": lambda: cache.engine(precision), "pytorch": cache.checkpoint,
                   "optimum": lambda: cache.optimum(precision), "ctranslate2": cache.ctranslate2}[kind]()
@@ -170,7 +218,10 @@ def make_systems(names: list[str], cache: ExportCache, threads: int) -> tuple[li
 def system_from_spec(spec: dict) -> System:
     """Rebuild a system in another process (memory and cold-start probes) from its name and folders."""
     kind = spec["name"].partition("-")[0]
-    return CLASSES[kind](spec["name"], spec["threads"], Path(spec["folder"]), Path(spec["checkpoint"]))
+    system = CLASSES[kind](spec["name"], spec["threads"], Path(spec["folder"]), Path(spec["checkpoint"]))
+    if kind == "llamacpp" and spec.get("llama_cpp"):
+        system.llama_dir = Path(spec["llama_cpp"])
+    return system
 
 
 def _missing(module: str) -> str | None:
