@@ -13,6 +13,8 @@
 // times[k] is seconds from the request to step k's tokens (step 0: the prefill); logits, when asked for,
 // are row 0's after the prefill; rss_mb / peak_rss_mb are this process's VmRSS / VmHWM (the suite's memory
 // probe runs in Python, and llama.cpp's memory is here). Built by benchmarks/llamacpp.py against the llama.cpp it benchmarks.
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
 #include "llama.h"
 
 #include <chrono>
@@ -47,8 +49,19 @@ llama_token argmax(const float * logits, int n_vocab) {
     return best;
 }
 
+// The CPU backend's persistent thread pool, set up as llama-bench sets up its own (polling level 50):
+// without one, ggml starts threads for every graph it computes.
+ggml_threadpool * thread_pool(int threads) {
+    auto * reg = ggml_backend_dev_backend_reg(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU));
+    auto * make = (decltype(ggml_threadpool_new) *) ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_new");
+    ggml_threadpool_params params = ggml_threadpool_params_default(threads);
+    params.poll = 50;
+    return make ? make(&params) : nullptr;
+}
+
 // A context sized for this request's shape (reused while the shape stays): B sequences, own KV cells each.
-llama_context * context_for(llama_model * model, int threads, Shape want, Shape & have, llama_context * ctx) {
+llama_context * context_for(llama_model * model, int threads, Shape want, Shape & have, llama_context * ctx,
+                            ggml_threadpool * pool) {
     if (ctx && want.batch == have.batch && want.cells <= have.cells) return ctx;
     if (ctx) llama_free(ctx);
     llama_context_params params = llama_context_default_params();
@@ -57,7 +70,9 @@ llama_context * context_for(llama_model * model, int threads, Shape want, Shape 
     params.n_batch = params.n_ctx;
     params.n_threads = params.n_threads_batch = threads;
     have = want;
-    return llama_init_from_model(model, params);
+    ctx = llama_init_from_model(model, params);
+    if (ctx && pool) llama_attach_threadpool(ctx, pool, nullptr);
+    return ctx;
 }
 
 bool decode(llama_context * ctx, llama_batch & batch) {
@@ -86,6 +101,7 @@ int main(int argc, char ** argv) {
     const int threads = atoi(argv[2]);
     const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
     llama_context * ctx = nullptr;
+    ggml_threadpool * pool = thread_pool(threads);
     Shape have;
     std::cout << "{\"ready\": true, \"n_vocab\": " << n_vocab << "}" << std::endl;
 
@@ -96,7 +112,7 @@ int main(int argc, char ** argv) {
         std::vector<llama_token> ids(rows * length);
         for (auto & id : ids) in >> id;
         if (!in || new_tokens < 1 || rows < 1 || length < 1) return fprintf(stderr, "bad request: %s\n", line.c_str()), 2;
-        ctx = context_for(model, threads, {rows, length + new_tokens}, have, ctx);
+        ctx = context_for(model, threads, {rows, length + new_tokens}, have, ctx, pool);
         if (!ctx) return fprintf(stderr, "cannot create a context for %d x %d\n", rows, length + new_tokens), 1;
         llama_memory_clear(llama_get_memory(ctx), true);
         llama_batch batch = llama_batch_init(rows * length, 0, 1);
