@@ -17,6 +17,7 @@ quantized) embedding table stored once.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .quantize import QuantConfig, quantize_blockwise, quantize_per_channel_int8
 
+Store = Callable[[np.ndarray, str], onnx.TensorProto]  # array, name -> initializer (inline or external)
 OPSET = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
 
 
@@ -50,15 +52,15 @@ class GraphShape:
 class GraphWriter:
     """Collects nodes and initializers; names follow `/model/layers.{i}/attn/qkv_proj/MatMul`."""
 
-    def __init__(self, quant: QuantConfig) -> None:
-        self.quant = quant
+    def __init__(self, quant: QuantConfig, store: Store = numpy_helper.from_array) -> None:
+        self.quant, self.store = quant, store
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.max_weight_error = 0.0
 
     def weight(self, name: str, array: np.ndarray) -> str:
         array = array if array.flags.c_contiguous else array.copy()  # (ascontiguousarray would make 0-d 1-d)
-        self.initializers.append(numpy_helper.from_array(array, name))
+        self.initializers.append(self.store(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
@@ -88,10 +90,10 @@ class GraphWriter:
         dtype = self.quant.compute_dtype
         if dtype != np.float32:
             self.max_weight_error = max(self.max_weight_error, float(np.abs(weight_kn - weight_kn.astype(dtype)).max()))
-        out = self.op("MatMul", [x, self.weight(f"{name}.weight", weight_kn.astype(dtype))], f"{name}/MatMul")[0]
+        out = self.op("MatMul", [x, self.weight(f"{name}.weight", weight_kn.astype(dtype, copy=False))], f"{name}/MatMul")[0]
         if bias is None:
             return out
-        return self.op("Add", [out, self.weight(f"{name}.bias", bias.astype(dtype))], f"{name}/Add")[0]
+        return self.op("Add", [out, self.weight(f"{name}.bias", bias.astype(dtype, copy=False))], f"{name}/Add")[0]
 
     def to_compute(self, x: str, name: str) -> str:
         """The residual stream is fp32; in fp16 graphs the products read an fp16 copy of it."""
@@ -117,17 +119,25 @@ class GraphWriter:
         return outs[0], outs[3]
 
 
-def build_graph(weights: dict[str, np.ndarray], shape: GraphShape, quant: QuantConfig) -> tuple[onnx.ModelProto, float]:
+def build_graph(weights: Mapping[str, np.ndarray], shape: GraphShape, quant: QuantConfig,
+                store: Store = numpy_helper.from_array, progress: bool = False) -> tuple[onnx.ModelProto, float]:
     """Weights (HF GPT-2 state dict as numpy, `transformer.` prefix removed) -> the fast graph and the
-    largest weight error its quantizer made (0 for fp32)."""
-    g = GraphWriter(quant)
+    largest weight error its quantizer made (0 for fp32).
+
+    Weights are read one at a time, layer by layer, and each initializer goes to `store` as soon as it
+    is made (see external_data.py), so only one layer's temporaries exist at once; `progress` shows a
+    bar per layer.
+    """
+    from tqdm import tqdm
+
+    g = GraphWriter(quant, store)
     w = weights
     embed, lm_head = _embedding_and_head(g, w["wte.weight"], shape)
     tokens = embed("input_ids")
     positions = g.op("Gather", [g.weight("wpe.weight", w["wpe.weight"]), "position_ids"], "/model/embed_positions/Gather")[0]
     h, residual = g.skip_layer_norm("/model/layers.0/input_layernorm", tokens, positions, w, "h.0.ln_1",
                                     shape.layer_norm_epsilon)
-    for i in range(shape.n_layer):
+    for i in tqdm(range(shape.n_layer), desc="      layers", unit="layer", leave=False, disable=not progress):
         p, name = f"h.{i}", f"/model/layers.{i}"
         qkv = g.linear(f"{name}/attn/qkv_proj", g.to_compute(h, f"{name}/attn"), w[f"{p}.attn.c_attn.weight"],
                        w[f"{p}.attn.c_attn.bias"])
@@ -142,7 +152,7 @@ def build_graph(weights: dict[str, np.ndarray], shape: GraphShape, quant: QuantC
                                         residual, w, f"{p}.ln_2",
                                         shape.layer_norm_epsilon, bias=w[f"{p}.attn.c_proj.bias"])
         up = g.linear(f"{name}/mlp/fc", g.to_compute(h, f"{name}/mlp"), w[f"{p}.mlp.c_fc.weight"])
-        fc_bias = w[f"{p}.mlp.c_fc.bias"].astype(g.quant.compute_dtype)
+        fc_bias = w[f"{p}.mlp.c_fc.bias"].astype(g.quant.compute_dtype, copy=False)
         act = g.op("FastGelu", [up, g.weight(f"{name}/mlp/fc.bias", fc_bias)],
                    f"{name}/mlp/FastGelu", domain="com.microsoft")[0]
         down = g.linear(f"{name}/mlp/proj", act, w[f"{p}.mlp.c_proj.weight"])
@@ -181,7 +191,7 @@ def _embedding_and_head(g: GraphWriter, wte: np.ndarray, shape: GraphShape):
                         K=shape.n_embd, N=shape.vocab_size, bits=bits, block_size=g.quant.block_size,
                         accuracy_level=g.quant.accuracy_level)[0]
         return embed, head
-    table = g.weight("wte.weight", wte.astype(g.quant.compute_dtype))
+    table = g.weight("wte.weight", wte.astype(g.quant.compute_dtype, copy=False))
 
     def embed_dense(ids: str) -> str:
         return g.to_residual(g.op("Gather", [table, ids], "/model/embed_tokens/Gather")[0], "/model/embed_tokens")

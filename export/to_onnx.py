@@ -1,9 +1,10 @@
-"""Torch model -> Optimum's ONNX graph (`text-generation-with-past`): the reference graph.
+"""Torch model -> ONNX: the fast graph (builder.py, streamed to disk) or Optimum's reference graph.
 
-One graph takes `input_ids`, `attention_mask`, `position_ids` and `past_key_values.{i}.key/value`
-(empty on the first step) and returns `logits` and `present.{i}.key/value`. Two fixes on top of
-Optimum's output: the tied LM head reads the embedding table instead of storing a transposed copy,
-and models over 2 GB keep their weights in one external data file.
+The reference graph is Optimum's `text-generation-with-past` export: one graph takes `input_ids`,
+`attention_mask`, `position_ids` and `past_key_values.{i}.key/value` (empty on the first step) and
+returns `logits` and `present.{i}.key/value`. Two fixes on top of Optimum's output: the tied LM head
+reads the embedding table instead of storing a transposed copy, and models over 2 GB keep their weights
+in one external data file. Either graph over protobuf's limit is `model.onnx` + `model.onnx.data`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from gpt2_onnx.engine.session import MODEL_FILE
-EXTERNAL_DATA_FILE = "model.onnx.data"
+
+from .external_data import EXTERNAL_DATA_FILE
+
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # stay clear of protobuf's 2 GiB ceiling
 EMBEDDING = "transformer.wte.weight"
 
@@ -99,12 +102,23 @@ class _quiet_loggers:
 
 def export_fast_graph(model, work_dir: Path, quant) -> tuple[Path, float]:
     """Write the op-by-op fast graph (see builder.py) at `quant`'s precision; returns its path and the
-    quantizer's max weight error."""
-    from .builder import GraphShape, build_graph
+    quantizer's max weight error.
 
-    weights = {name.removeprefix("transformer."): tensor.detach().float().numpy()
+    Initializers stream into `model.onnx.data` layer by layer (external_data.py): besides the torch
+    model, memory holds one layer's temporaries. A model that ends up under protobuf's limit is then
+    read back into a single `model.onnx`.
+    """
+    from .builder import GraphShape, build_graph
+    from .external_data import ExternalDataWriter, embed_external_data
+
+    weights = {name.removeprefix("transformer."): tensor.detach().float().numpy()  # fp32: views, not copies
                for name, tensor in model.state_dict().items() if not name.endswith(".attn.bias")}
-    graph, max_error = build_graph(weights, GraphShape.from_config(model.config), quant)
+    with ExternalDataWriter(work_dir) as data:
+        graph, max_error = build_graph(weights, GraphShape.from_config(model.config), quant, store=data.tensor,
+                                       progress=True)
+    if data.size <= PROTOBUF_LIMIT:
+        embed_external_data(graph, work_dir)
     path = work_dir / MODEL_FILE
-    save_model(graph, path)
+    onnx.save_model(graph, str(path))
     return path, max_error
+
