@@ -67,7 +67,7 @@ def llama_cpp(directory: Path | None = None, root: Path | None = None,
     build of VERSION, built on first use (minutes on 2 cores)."""
     root = Path(root or cache_root())
     if directory is not None:
-        return _existing(Path(directory).expanduser().resolve(), root)
+        return _existing(Path(directory).expanduser().resolve(), root, log)
     source, build = root / VERSION / "source", root / VERSION / "build"
     with _locked(root / f"{VERSION}.lock"):
         if not (build / ".complete").exists():
@@ -76,7 +76,7 @@ def llama_cpp(directory: Path | None = None, root: Path | None = None,
     return LlamaCpp(build / "bin", runner, VERSION)
 
 
-def _existing(directory: Path, root: Path) -> LlamaCpp:
+def _existing(directory: Path, root: Path, log: Callable[[str], None]) -> LlamaCpp:
     bins = [d for d in (directory / "bin", directory / "build" / "bin", directory) if (d / "llama-bench").exists()]
     if not bins:
         raise LlamaCppUnavailable(f"no llama-bench in {directory} (looked in bin/, build/bin/ and the folder "
@@ -87,14 +87,26 @@ def _existing(directory: Path, root: Path) -> LlamaCpp:
                                   f"(cmake --build build --target {' '.join(TOOLS)})")
     libs = [d for d in (bin_dir, directory / "lib", directory / "lib64", directory / "build" / "bin")
             if (d / "libllama.so").exists()]
-    includes = [d for base in (directory, directory.parent, bin_dir.parent.parent)
-                for d in (base / "include", base / "ggml" / "include") if (d / "llama.h").exists() or (d / "ggml.h").exists()]
+    bases = [directory, directory.parent, bin_dir.parent.parent, *_cmake_sources(directory, bin_dir)]
+    includes = [d for base in bases for d in (base / "include", base / "ggml" / "include")
+                if (d / "llama.h").exists() or (d / "ggml.h").exists()]
     if not libs or not any((d / "llama.h").exists() for d in includes):
         raise LlamaCppUnavailable(f"{directory} has the tools but not libllama.so and include/llama.h, which the "
                                   "suite's driver links against: pass a shared-library build (the default) or its source tree")
-    runner = _runner(root, includes, libs[0], print)
+    runner = _runner(root, includes, libs[0], log)
     stamp = subprocess.run([str(bin_dir / "llama-bench"), "--version"], capture_output=True, text=True).stderr
     return LlamaCpp(bin_dir, runner, "dir-" + hashlib.sha256((str(bin_dir) + stamp).encode()).hexdigest()[:10])
+
+
+def _cmake_sources(*folders: Path) -> list[Path]:
+    """The source tree a CMake build folder was configured from (CMakeCache.txt's CMAKE_HOME_DIRECTORY)."""
+    found = []
+    for folder in folders:
+        for cache in (folder / "CMakeCache.txt", folder.parent / "CMakeCache.txt", folder / "build" / "CMakeCache.txt"):
+            if cache.exists():
+                found += [Path(line.split("=", 1)[1].strip()) for line in cache.read_text(errors="replace").splitlines()
+                          if line.startswith("CMAKE_HOME_DIRECTORY:")]
+    return found
 
 
 def _build(folder: Path, log: Callable[[str], None]) -> None:

@@ -146,6 +146,12 @@ def test_llama_cpp_greedy_tokens_and_logits_match_torch(tiny_llama, tiny_torch_m
 
 
 @pytest.mark.slow
+def test_an_existing_build_folder_is_used_as_is(llama, tmp_path):
+    existing = llama_cpp(llama.bin_dir.parent, root=tmp_path)  # the build folder, as --llama-cpp DIR
+    assert existing.bin_dir == llama.bin_dir and existing.runner.exists() and existing.version.startswith("dir-")
+
+
+@pytest.mark.slow
 def test_quantized_gguf_loads_and_its_tools_report_in_suite_terms(llama, tiny_checkpoint, tmp_path):
     from gpt2_onnx.benchmarks.exports import ExportCache
     from gpt2_onnx.benchmarks.llamacpp import gguf_model, gguf_weight_bytes
