@@ -1,7 +1,7 @@
 """llama.cpp's own benchmark tools, run on the suite's GGUF files and read into the suite's terms.
 
-`llama-bench -p L -n N -d 0,L -o json` gives the prefill of L tokens (the test at depth 0) and the time per
-token of N tokens generated after L (the test at depth L); `llama-batched-bench -npp 32 -ntg 16 -npl 1,4,16,64
+`llama-bench -p L -n 0 -o json` gives the prefill of L tokens, `llama-bench -p 0 -n N -d L -o json` the time
+per token of N tokens generated after L; `llama-batched-bench -npp 32 -ntg 16 -npl 1,4,16,64
 --output-format jsonl` gives decode tokens/s over all rows at each batch size. Each becomes a summary shaped
 like `measure.summarize`'s (prefill_ms, per_token_ms, decode_tokens_per_s with median/min/max), so the
 report's tables and `--check` read them like any system's. These are llama.cpp's numbers by llama.cpp's
@@ -46,10 +46,12 @@ class BatchedRow:
     speed_tg: float  # decode tokens/s over all rows
 
 
-def llama_bench_command(llama: LlamaCpp, model: Path, threads: int, prompt: int, new_tokens: int,
-                        reps: int) -> list[str]:
-    return [str(llama.tool("llama-bench")), "-m", str(model), "-t", str(threads), "-p", str(prompt),
-            "-n", str(new_tokens), "-d", f"0,{prompt}", "-r", str(reps), "-o", "json"]
+def llama_bench_commands(llama: LlamaCpp, model: Path, threads: int, prompt: int, new_tokens: int,
+                         reps: int) -> list[list[str]]:
+    """Two runs: the prefill of `prompt` tokens into an empty cache, then `new_tokens` generated after `prompt`
+    (one run with -d 0,L would also test the prompt at depth L: 2L positions, past GPT-2's table for L > 512)."""
+    tool = [str(llama.tool("llama-bench")), "-m", str(model), "-t", str(threads), "-r", str(reps), "-o", "json"]
+    return [tool + ["-p", str(prompt), "-n", "0", "-d", "0"], tool + ["-p", "0", "-n", str(new_tokens), "-d", str(prompt)]]
 
 
 def batched_bench_command(llama: LlamaCpp, model: Path, threads: int, prompt: int, new_tokens: int,
@@ -107,9 +109,10 @@ def tool_results(llama: LlamaCpp, model: Path, latency_points: list[Point], thro
     out: dict = {"latency": [], "throughput": [], "commands": []}
     for point in latency_points:
         assert point.batch == 1, f"llama-bench times one sequence, got {point.label}"
-        command = llama_bench_command(llama, model, threads, point.prompt, point.new_tokens, reps)
-        out["latency"].append(latency_summary(parse_llama_bench(_run(command, log)), point))
-        out["commands"].append(" ".join(command))
+        commands = llama_bench_commands(llama, model, threads, point.prompt, point.new_tokens, reps)
+        rows = [row for command in commands for row in parse_llama_bench(_run(command, log))]
+        out["latency"].append(latency_summary(rows, point))
+        out["commands"] += [" ".join(command) for command in commands]
     by_shape: dict[tuple[int, int], list[Point]] = {}
     for point in throughput_points:
         by_shape.setdefault((point.prompt, point.new_tokens), []).append(point)
@@ -122,7 +125,7 @@ def tool_results(llama: LlamaCpp, model: Path, latency_points: list[Point], thro
 
 
 def _run(command: list[str], log: Callable[[str], None]) -> str:
-    log(f"  {Path(command[0]).name} {' '.join(command[3:])}")
+    log(f"  {Path(command[0]).name} {' '.join(command[3:])}")  # the model path left out
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise Gpt2OnnxError(f"{Path(command[0]).name} failed (exit {done.returncode}): "
