@@ -1,1 +1,7 @@
-"""Benchmarks: latency, throughput, memory and parity against PyTorch and peers."""
+"""Benchmarks: latency, throughput, memory and parity against PyTorch and peers.
+
+The systems are declared here, light to import, so that the CLI can list them without the `bench` extra.
+"""
+
+ALL_SYSTEMS = ("engine-fp32", "engine-int8", "engine-int4", "pytorch", "optimum-fp32", "optimum-int8",
+               "ctranslate2-int8", "llamacpp-q8_0")

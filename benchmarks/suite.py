@@ -17,16 +17,15 @@ from pathlib import Path
 
 from gpt2_onnx.errors import Gpt2OnnxError
 
+from . import ALL_SYSTEMS
 from .exports import ExportCache
 from .machine import machine_facts
 from .measure import Point, measure, summarize
-from .parity import engine_parity, greedy_agreement
+from .fidelity import engine_parity, greedy_agreement
 from .serving import serving_load
 from .report import TARGETS, evaluate, write_reports
 from .systems import System, make_systems
 
-ALL_SYSTEMS = ("engine-fp32", "engine-int8", "engine-int4", "pytorch", "optimum-fp32", "optimum-int8",
-               "ctranslate2-int8", "llamacpp-q8_0")
 QUICK_SYSTEMS = tuple(s for s in ALL_SYSTEMS if s != "optimum-fp32")  # the slowest to load
 
 

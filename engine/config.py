@@ -1,23 +1,51 @@
-"""Generation settings and results: plain frozen dataclasses, validated once up front."""
+"""Generation settings and results: plain frozen dataclasses, validated once up front.
+
+Each option of `GenerationConfig` is declared once, here, with its help text and its name in OpenAI's
+completions API: the CLI's flags, the server's request schema and the pipeline's keywords are all made
+from these declarations, and `GenerationConfig.from_options` is the one mapping from user options.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import numbers
+from dataclasses import dataclass, field, fields
 
 from gpt2_onnx.errors import Gpt2OnnxError
+
+MIN_TEMPERATURE = 1e-4  # below this, sampling is argmax: the same token, without overflowing the softmax
+MAX_TEMPERATURE = 100.0
+PENALTY_RANGE = (0.01, 100.0)  # beyond these, logits overflow float32 or the penalty means nothing more
+SAMPLING_SWITCHES = ("temperature", "top_k", "top_p")  # setting one (away from "off") turns sampling on
+
+
+def option(default, help: str, kind: type, openai: str | None = None):
+    """A user-facing option: its default, help text, value type and name in OpenAI's API (if exposed)."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**factory, metadata={"help": help, "kind": kind, "openai": openai})
+
+
+class ConfigError(Gpt2OnnxError):
+    """A bad option; `option` names it (as the config field) so front ends can point at their own name."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"bad option {option}: {message}")
+        self.option = option
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0  # EOS is ignored until this many tokens exist (benchmarks need fixed lengths)
-    do_sample: bool = False  # greedy unless asked; temperature 0 also means greedy
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off; HF semantics (divide positive logits, multiply negative)
-    stop: tuple[str, ...] = ()  # generation ends when the text contains one of these (not included)
-    seed: int | None = None  # same seed, same text
+    max_new_tokens: int = option(64, "tokens to generate at most (0: only score the prompt)", int, "max_tokens")
+    min_new_tokens: int = option(0, "EOS is ignored until this many tokens exist", int, "min_tokens")
+    do_sample: bool = False  # greedy unless asked; `from_options` turns it on when a sampling switch is set
+    temperature: float = option(1.0, "sampling temperature; 0 is greedy", float, "temperature")
+    top_k: int = option(0, "sample among the k most likely tokens (0 = off)", int, "top_k")
+    top_p: float = option(1.0, "sample among the most likely tokens whose probability reaches p (1 = off)", float,
+                          "top_p")
+    repetition_penalty: float = option(1.0, "divide (multiply) seen tokens' positive (negative) logits by this "
+                                            "(1 = off)", float, "repetition_penalty")
+    stop: tuple[str, ...] = option(tuple, "end when the text contains this string (not included); repeatable",
+                                   str, "stop")
+    seed: int | None = option(None, "random seed: same seed, same text", int, "seed")
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -25,21 +53,53 @@ class GenerationConfig:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (all(self.stop), "stop strings must not be empty"),
+            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "must be an integer >= 0"),
+            ("min_new_tokens", _is_int(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
+             "must be an integer in [0, max_new_tokens]"),
+            ("temperature", _is_number(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+             f"must be in [0, {MAX_TEMPERATURE:g}]"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "must be an integer >= 0 (0 turns it off)"),
+            ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", _is_number(self.repetition_penalty)
+             and PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1],
+             f"must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}] (1 turns it off)"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            ("seed", self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), "must be in [0, 2^63)"),
         ]
-        for ok, message in checks:
+        for name, ok, message in checks:
             if not ok:
-                raise Gpt2OnnxError(f"bad GenerationConfig: {message}")
+                raise ConfigError(name, message)
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+        return not self.do_sample or self.temperature < MIN_TEMPERATURE
+
+    @classmethod
+    def from_options(cls, do_sample: bool | None = None, **options) -> GenerationConfig:
+        """User options (None = not given) -> a config. Unless `do_sample` says otherwise, sampling is on
+        when a temperature > 0, a top_k > 0 or a top_p < 1 is given, as the CLI and the pipeline expect."""
+        given = {k: v for k, v in options.items() if v is not None}
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise Gpt2OnnxError(f"unknown option(s) {', '.join(unknown)}; the options are "
+                                f"{', '.join(f.name for f in fields(cls))}")
+        if do_sample is None:
+            off = {"temperature": 0, "top_k": 0, "top_p": 1.0}
+            do_sample = any(given.get(name, off[name]) != off[name] for name in SAMPLING_SWITCHES)
+        return cls(do_sample=do_sample, **given)
+
+
+def user_options() -> list:
+    """The fields that front ends expose (all but do_sample, which the switches imply)."""
+    return [f for f in fields(GenerationConfig) if "help" in f.metadata]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -53,6 +113,8 @@ class Timings:
 class GenerationResult:
     text: str  # the continuation only, without the prompt
     token_ids: list[int] = field(repr=False)  # the new tokens
-    finish_reason: str  # "length", "eos" or "stop"
+    finish_reason: str  # "length", "eos", "stop" or "error"
     prompt_tokens: int
     timings: Timings
+    logprobs: list | None = field(default=None, repr=False)  # TokenLogprob entries, when asked for
+    error: str | None = None  # why the row ended, when finish_reason is "error"

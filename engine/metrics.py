@@ -1,4 +1,8 @@
-"""Server metrics in Prometheus' text format: counters, gauges read on demand, and latency histograms."""
+"""Server metrics in Prometheus' text format: counters, gauges read on demand, and latency histograms.
+
+Label values are escaped as the exposition format requires, and callers pass only bounded label sets
+(route templates, status codes, finish reasons), so no client can forge a sample or grow the output.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import threading
 from collections.abc import Callable
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+HISTOGRAMS = ("request_latency_seconds", "time_to_first_token_seconds", "decode_step_seconds")
 
 
 class Histogram:
@@ -27,33 +32,45 @@ class Histogram:
         return lines + [f"{name}_sum {self.total:.6f}", f"{name}_count {running}"]
 
 
+def escape(value: str) -> str:
+    """A label value as Prometheus' text format writes it: backslash, quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels) + "}" if labels else ""
+
+
 class Metrics:
     """Thread-safe: the scheduler thread writes, the HTTP side reads."""
 
     def __init__(self, gauges: dict[str, Callable[[], float]]) -> None:
         self.lock = threading.Lock()
         self.gauges = gauges  # name -> current value, read when rendered
-        self.counters: dict[str, float] = {}
-        self.histograms = {name: Histogram() for name in
-                           ("request_latency_seconds", "time_to_first_token_seconds", "decode_step_seconds")}
+        self.counters: dict[tuple[str, tuple], float] = {}
+        self.histograms = {name: Histogram() for name in HISTOGRAMS}
 
-    def count(self, name: str, amount: float = 1) -> None:
+    def count(self, name: str, amount: float = 1, labels: dict[str, str] | None = None) -> None:
+        key = (name, tuple(sorted((labels or {}).items())))
         with self.lock:
-            self.counters[name] = self.counters.get(name, 0) + amount
+            self.counters[key] = self.counters.get(key, 0) + amount
 
     def observe(self, name: str, seconds: float) -> None:
         with self.lock:
             self.histograms[name].observe(seconds)
 
+    def value(self, name: str, **labels: str) -> float:
+        with self.lock:
+            return self.counters.get((name, tuple(sorted(labels.items()))), 0)
+
     def render(self, prefix: str = "gpt2_onnx") -> str:
         with self.lock:
             lines, typed = [], set()
-            for name, value in sorted(self.counters.items()):  # "requests_total{status=\"200\"}": one TYPE line a base
-                base = name.partition("{")[0]
-                if base not in typed:
-                    lines.append(f"# TYPE {prefix}_{base} counter")
-                    typed.add(base)
-                lines.append(f"{prefix}_{name} {value:g}")
+            for (name, labels), value in sorted(self.counters.items()):
+                if name not in typed:
+                    lines.append(f"# TYPE {prefix}_{name} counter")
+                    typed.add(name)
+                lines.append(f"{prefix}_{name}{_labels(labels)} {value:g}")
             for name, read in self.gauges.items():
                 lines += [f"# TYPE {prefix}_{name} gauge", f"{prefix}_{name} {read():g}"]
             for name, histogram in self.histograms.items():

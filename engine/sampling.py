@@ -6,19 +6,28 @@ Temperature 0 (or do_sample=False) is argmax.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .config import GenerationConfig
 
 
-def apply_repetition_penalty(logits: np.ndarray, seen_ids: np.ndarray, penalty: float) -> np.ndarray:
-    """HF semantics: a seen token's positive logit is divided by `penalty`, a negative one multiplied."""
-    if penalty == 1.0 or seen_ids.size == 0:
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float | None  # None for the first prompt token, which nothing predicts
+    top: list[tuple[int, float]]  # the most likely tokens at this position, best first
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray | None, penalty: float) -> np.ndarray:
+    """HF semantics: a seen token's positive logit is divided by `penalty`, a negative one multiplied.
+    `seen` is a [V] mask of the tokens in the prompt and the output so far."""
+    if penalty == 1.0 or seen is None:
         return logits
     logits = logits.copy()
-    ids = np.unique(seen_ids)
-    picked = logits[ids]
-    logits[ids] = np.where(picked < 0, picked * penalty, picked / penalty)
+    picked = logits[seen]
+    logits[seen] = np.where(picked < 0, picked * penalty, picked / penalty)
     return logits
 
 
@@ -48,13 +57,16 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def choose_token(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator,
-                 seen_ids: np.ndarray) -> int:
+                 seen: np.ndarray | None = None) -> int:
     """One row of logits [V] -> the next token id."""
-    logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen_ids, config.repetition_penalty)
+    logits = apply_repetition_penalty(logits.astype(np.float64), seen, config.repetition_penalty)
+    if not np.isfinite(logits.max()):
+        raise FloatingPointError("the model produced non-finite logits")
     if config.greedy:
         return int(np.argmax(logits))
+    # float64 and bounded settings (config.py) keep logits / temperature finite, so softmax has no NaN
     logits = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
-    probs = softmax(logits.astype(np.float64))
+    probs = softmax(logits)
     return int(rng.choice(probs.size, p=probs))
 
 
@@ -64,10 +76,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def token_logprobs(logits: np.ndarray, chosen: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+def token_logprobs(logits: np.ndarray, chosen: int, top: int) -> TokenLogprob:
     """The model's log-probability of `chosen` and its `top` most likely alternatives (OpenAI's `logprobs`)."""
     logprobs = log_softmax(logits)
     top = min(max(top, 0), logprobs.size)
     best = np.argpartition(-logprobs, top - 1)[:top] if top else np.zeros(0, np.int64)
     best = best[np.argsort(-logprobs[best], kind="stable")]
-    return float(logprobs[chosen]), [(int(t), float(logprobs[t])) for t in best]
+    return TokenLogprob(int(chosen), float(logprobs[chosen]), [(int(t), float(logprobs[t])) for t in best])

@@ -1,9 +1,13 @@
 """Continuous batching: requests join the running batch between decode steps and leave as soon as they end.
 
-One thread owns the engine's shared KV buffer (one slot per running request). Each turn it prefills the
-waiting requests into free slots (one row at a time: GroupQueryAttention refuses a batched prefill on a
-non-empty past), runs one decode step over every running row, and hands each request its new text through
-its `emit` callback. Finished and cancelled rows leave the buffer at once, so a slot is never idle.
+One thread owns a `Batch` over the engine's shared KV buffer (one slot per running job). Each turn it
+admits waiting jobs into free slots (one prefill each: GroupQueryAttention refuses a batched prefill on a
+non-empty past), runs one decode step of the batch, and hands each job its new text through its `emit`
+callback. The decode loop itself is loop.py's; this module keeps only queueing, admission and delivery.
+
+Isolation: a job whose prefill, token choice or callback fails ends alone with an "error" event; a failed
+decode step fails the jobs running in it, never the waiting ones. If the thread itself dies, `alive`
+turns false, every job gets an event, and new submissions are refused.
 """
 
 from __future__ import annotations
@@ -14,35 +18,31 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
+from gpt2_onnx.errors import Gpt2OnnxError, first_line
 
-from gpt2_onnx.errors import Gpt2OnnxError
-
-from .generate import Engine, Row, drop_finished
-from .kv_cache import SharedBufferDecoder
+from .decoders import SharedBufferDecoder
+from .engine import Engine
+from .loop import Batch, Row
 from .metrics import Metrics
-from .sampling import token_logprobs
+from .sampling import TokenLogprob
 
 
 class QueueFull(Gpt2OnnxError):
     pass
 
 
-class ShuttingDown(Gpt2OnnxError):
-    pass
+class Unavailable(Gpt2OnnxError):
+    """The scheduler is shutting down or its thread has died: no new work is taken."""
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch: int = 16  # rows decoded together (slots of the KV buffer)
-    max_queue: int = 256  # requests waiting for a slot; more are refused (QueueFull), never buffered
+    max_queue: int = 256  # rows waiting for a slot; more are refused (QueueFull), never buffered
 
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: int
-    logprob: float | None  # None for the first prompt token, which nothing predicts
-    top: list[tuple[int, float]]  # the most likely tokens at this position, best first
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_queue < 1:
+            raise Gpt2OnnxError(f"max_batch ({self.max_batch}) and max_queue ({self.max_queue}) must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -54,20 +54,19 @@ class Event:
     error: str | None = None
 
 
-@dataclass
-class Request:
+@dataclass(eq=False)
+class Job:
+    """One row of one request, and where its events go."""
+
     row: Row
     emit: Callable[[Event], None]  # called from the scheduler thread
     index: int = 0
-    logprobs: int | None = None  # None: no log-probabilities; N: the chosen token's and the top N
-    echo: bool = False  # also return the prompt (and its log-probabilities)
-    generate: bool = True  # False: score the prompt only (OpenAI's max_tokens=0 with echo)
-    cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    entries_sent: int = 0  # log-probability entries already handed out
+    answered: bool = False  # its first token has been delivered
 
-    @property
-    def finish_reason(self) -> str | None:
-        return "cancelled" if self.cancelled else self.row.finish_reason
+    def cancel(self) -> None:
+        self.row.cancelled = True  # the scheduler drops the row at its next turn
 
 
 class Scheduler:
@@ -76,27 +75,33 @@ class Scheduler:
         if not isinstance(decoder, SharedBufferDecoder):
             raise Gpt2OnnxError(f"{engine.model_dir} is a reference-graph export; continuous batching needs the "
                                 "fast graph: re-export without --graph reference")
-        decoder.allocate(config.max_batch, engine.info.n_positions)
-        self.engine, self.config, self.decoder = engine, config, decoder
-        self.tokenizer = engine.tokenizer
-        self.waiting: deque[Request] = deque()
-        self.active: list[Request] = []
+        decoder.allocate(config.max_batch, engine.manifest.n_positions)
+        self.engine, self.config = engine, config
+        self.batch = Batch(decoder, on_token=self._deliver)
+        self.waiting: deque[Job] = deque()
+        self.jobs: dict[int, Job] = {}  # id(row) -> job, for the rows in the batch
         self.wakeup = threading.Condition()
         self.stopping = False
-        self.metrics = Metrics(gauges={"queue_depth": lambda: len(self.waiting), "running": lambda: len(self.active),
-                                       "max_batch": lambda: config.max_batch})
-        self.thread = threading.Thread(target=self._loop, name="gpt2-onnx-scheduler", daemon=True)
+        self.death: str | None = None  # why the thread died, if it did
+        self.metrics = Metrics(gauges={"queue_depth": lambda: len(self.waiting), "running": lambda: len(self.jobs),
+                                       "max_batch": lambda: config.max_batch, "alive": lambda: int(self.alive)})
+        self.thread = threading.Thread(target=self._run, name="gpt2-onnx-scheduler", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.death is None and not self.stopping
 
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, request: Request) -> None:
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue a request's jobs, all or none."""
         with self.wakeup:
-            if self.stopping:
-                raise ShuttingDown("the server is shutting down")
-            if len(self.waiting) >= self.config.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
-            self.waiting.append(request)
+            if self.stopping or self.death:
+                raise Unavailable(self.death or "the server is shutting down")
+            if len(self.waiting) + len(jobs) > self.config.max_queue:
+                raise QueueFull(f"the queue is full ({len(self.waiting)} of {self.config.max_queue} rows waiting)")
+            self.waiting.extend(jobs)
             self.wakeup.notify()
 
     def stop(self) -> None:
@@ -106,82 +111,90 @@ class Scheduler:
             self.wakeup.notify()
         if self.thread.is_alive():
             self.thread.join()
-        for request in [*self.active, *self.waiting]:
-            request.emit(Event(request.index, finish_reason="cancelled"))
-        self.active.clear()
-        self.waiting.clear()
+        self._end_all("cancelled")
 
     # -- the scheduler thread -------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while True:
-            with self.wakeup:
-                while not (self.waiting or self.active or self.stopping):
-                    self.wakeup.wait()
-                if self.stopping:
-                    return
-                admitted = [self.waiting.popleft()
-                            for _ in range(min(len(self.waiting), self.config.max_batch - len(self.active)))]
+    def _run(self) -> None:
+        try:
+            while self._turn():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - the thread must say why it died, then everyone is told
+            self.death = f"the scheduler stopped: {type(exc).__name__}: {first_line(exc)}; restart the server"
+            self.metrics.count("scheduler_deaths_total")
+            self._end_all("error", self.death)
+
+    def _turn(self) -> bool:
+        with self.wakeup:
+            while not (self.waiting or self.jobs or self.stopping):
+                self.wakeup.wait()
+            if self.stopping:
+                return False
+            free = self.config.max_batch - len(self.batch.rows)
+            admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), free))]
+        for job in admitted:
+            self._admit(job)
+        self._drop_finished()
+        if self.batch.rows:
+            started = time.perf_counter()
             try:
-                for request in admitted:
-                    if not request.cancelled:
-                        self._admit(request)
-                drop_finished(self.decoder, self.active)
-                if self.active:
-                    self._step()
-                    drop_finished(self.decoder, self.active)
-            except Exception as exc:  # a failed step fails its requests, not the server
-                self._fail_all(exc)
+                self.batch.step()
+            except Exception as exc:  # noqa: BLE001 - the step failed for every running row, not for the server
+                self._fail_running(exc)
+            self.metrics.observe("decode_step_seconds", time.perf_counter() - started)
+            self._drop_finished()
+        return True
 
-    def _admit(self, request: Request) -> None:
-        row = request.row
-        start = time.perf_counter()
-        scored = request.echo and request.logprobs is not None
-        logits = self.decoder.add(row.prompt, all_logits=scored)
-        self.active.append(request)
-        row.prefill_ms = (time.perf_counter() - start) * 1e3
-        self.metrics.count("prompt_tokens_total", len(row.prompt))
-        if request.echo:
-            entries = [TokenLogprob(row.prompt[0], None, [])]
-            if scored:
-                entries += [TokenLogprob(token, *token_logprobs(logits[t], token, request.logprobs))
-                            for t, token in enumerate(row.prompt[1:])]
-            request.emit(Event(request.index, self.tokenizer.decode(row.prompt), entries if scored else []))
-        if not request.generate:
-            row.finish_reason = "length"
-            request.emit(Event(request.index, finish_reason="length"))
-            self._finished(request)
+    def _admit(self, job: Job) -> None:
+        if job.row.cancelled:
             return
-        self._advance(request, logits[-1])
+        self.jobs[id(job.row)] = job
+        self.metrics.count("prompt_tokens_total", len(job.row.prompt))
+        try:
+            self.batch.admit(job.row)
+        except Exception as exc:  # noqa: BLE001 - this prompt failed; the batch goes on
+            job.row.finish("error", f"prefill failed: {type(exc).__name__}: {first_line(exc)}")
+            self._deliver(job.row)
 
-    def _step(self) -> None:
-        start = time.perf_counter()
-        logits = self.decoder.decode(np.array([r.row.last_token for r in self.active], np.int64))
-        self.metrics.observe("decode_step_seconds", time.perf_counter() - start)
-        for request, row_logits in zip(self.active, logits):
-            if not request.cancelled:
-                self._advance(request, row_logits)
-
-    def _advance(self, request: Request, logits: np.ndarray) -> None:
-        row = request.row
-        token = row.choose(logits)
-        entries = [] if request.logprobs is None else [TokenLogprob(token, *token_logprobs(logits, token, request.logprobs))]
-        row.append(token, self.tokenizer)
-        if len(row.new_ids) == 1:
-            self.metrics.observe("time_to_first_token_seconds", time.perf_counter() - request.submitted)
-        self.metrics.count("generated_tokens_total")
-        request.emit(Event(request.index, row.unsent_text(self.tokenizer), entries, row.finish_reason))
+    def _deliver(self, row: Row) -> None:
+        job = self.jobs[id(row)]
+        if row.new_ids and not job.answered:
+            job.answered = True
+            self.metrics.observe("time_to_first_token_seconds", time.perf_counter() - job.submitted)
+        entries = row.entries[job.entries_sent:]
+        job.entries_sent = len(row.entries)
+        event = Event(job.index, row.unsent_text(), entries, row.finish_reason, row.error)
+        self.metrics.count("generated_tokens_total", 1 if row.new_ids and row.finish_reason != "error" else 0)
         if row.finish_reason:
-            self._finished(request)
+            self.metrics.observe("request_latency_seconds", time.perf_counter() - job.submitted)
+            self.metrics.count("requests_finished_total", labels={"reason": row.finish_reason})
+        try:
+            job.emit(event)
+        except Exception:  # noqa: BLE001 - nobody is listening any more: the row leaves the batch
+            row.cancelled = True
 
-    def _finished(self, request: Request) -> None:
-        self.metrics.observe("request_latency_seconds", time.perf_counter() - request.submitted)
-        self.metrics.count(f'requests_finished_total{{reason="{request.row.finish_reason}"}}')
+    def _drop_finished(self) -> None:
+        for row in self.batch.drop_finished():
+            self.jobs.pop(id(row), None)
 
-    def _fail_all(self, exc: Exception) -> None:
-        message = f"{type(exc).__name__}: {exc}"
-        for request in self.active:
-            request.emit(Event(request.index, finish_reason="error", error=message))
+    def _fail_running(self, exc: Exception) -> None:
+        message = f"the decode step failed: {type(exc).__name__}: {first_line(exc)}"
+        for row in self.batch.rows:
+            if not row.done:
+                row.finish("error", message)
+                self._deliver(row)
         self.metrics.count("failed_steps_total")
-        self.decoder.allocate(self.config.max_batch, self.decoder.max_length)  # a clean buffer for what comes next
-        self.active.clear()
+        self.batch.decoder.allocate(self.config.max_batch, self.batch.decoder.max_length)  # a clean buffer
+        self.batch.rows.clear()
+        self.jobs.clear()
+
+    def _end_all(self, reason: str, error: str | None = None) -> None:
+        with self.wakeup:
+            jobs = [*self.jobs.values(), *self.waiting]
+            self.jobs.clear()
+            self.waiting.clear()
+        for job in jobs:
+            try:
+                job.emit(Event(job.index, finish_reason=reason, error=error))
+            except Exception:  # noqa: BLE001 - best effort: the listener may be gone
+                pass

@@ -6,57 +6,17 @@ Reads folders written by `gpt2-onnx export` (with `gpt2_onnx.json`) and plain
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from gpt2_onnx.errors import Gpt2OnnxError
+from gpt2_onnx.errors import Gpt2OnnxError, first_line
 
-MANIFEST = "gpt2_onnx.json"
-MODEL_FILE = "model.onnx"
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+from .manifest import MODEL_FILE
 
-
-@dataclass(frozen=True)
-class ModelInfo:
-    n_layer: int
-    n_head: int
-    head_dim: int
-    n_positions: int  # the context window: prompt + new tokens must fit
-    vocab_size: int
-    eos_token_id: int
-    graph: str  # "reference" (Optimum's layout: past in, past+new out) or "fast" (shared KV buffer)
-    precision: str
-    source: str | None  # what it was exported from, when the manifest says
-
-
-def read_model_info(model_dir: Path) -> ModelInfo:
-    config_file = model_dir / "config.json"
-    if not config_file.exists():
-        raise Gpt2OnnxError(f"{config_file} is missing; export the model with `gpt2-onnx export SOURCE {model_dir}`")
-    try:
-        config = json.loads(config_file.read_text())
-        manifest = json.loads((model_dir / MANIFEST).read_text()) if (model_dir / MANIFEST).exists() else {}
-    except json.JSONDecodeError as exc:
-        raise Gpt2OnnxError(f"a JSON file in {model_dir} is corrupt ({exc}); re-export the model") from None
-    if config.get("model_type") != "gpt2":
-        raise Gpt2OnnxError(f"{model_dir} holds a {config.get('model_type')!r} model; only GPT-2 is supported")
-    eos = config.get("eos_token_id", 50256)
-    return ModelInfo(
-        n_layer=config["n_layer"],
-        n_head=config["n_head"],
-        head_dim=config["n_embd"] // config["n_head"],
-        n_positions=config["n_positions"],
-        vocab_size=config["vocab_size"],
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        graph=manifest.get("graph", "reference"),
-        precision=manifest.get("precision", "fp32"),
-        source=manifest.get("source"),
-    )
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}  # declared once: CLI and API read it
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:
@@ -96,9 +56,17 @@ def create_session(model_dir: Path, provider: str, threads: int | None) -> ort.I
                             "(pip uninstall onnxruntime && pip install onnxruntime-gpu)")
     path = model_dir / MODEL_FILE
     if not path.exists():
-        raise Gpt2OnnxError(f"{path} is missing; export the model with `gpt2-onnx export SOURCE {model_dir}`")
+        raise Gpt2OnnxError(missing_model_hint(model_dir))
     try:
         return ort.InferenceSession(str(path), session_options(threads), providers=[ep])
     except Exception as exc:  # onnxruntime raises several pybind types; all mean the file is unusable
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise Gpt2OnnxError(f"could not load {path}: {first}; the file is corrupt or incomplete, re-export it") from None
+        raise Gpt2OnnxError(f"could not load {path}: {first_line(exc)}; the file is corrupt or incomplete, "
+                            "re-export it") from None
+
+
+def missing_model_hint(folder: Path) -> str:
+    """What to do with a folder that has no model.onnx: never suggest writing over the user's checkpoint."""
+    if any((folder / name).exists() for name in ("model.safetensors", "pytorch_model.bin")):
+        return (f"{folder} is a Hugging Face checkpoint, not an export; export it first: "
+                f"`gpt2-onnx export {folder} {folder.name}-onnx`, then use {folder.name}-onnx")
+    return f"{folder / MODEL_FILE} is missing; is {folder} a folder written by `gpt2-onnx export SOURCE OUT_DIR`?"

@@ -1,20 +1,23 @@
-"""Export as one template: load -> to-onnx -> check -> manifest -> rename into place.
+"""Export as one template: load -> to-onnx -> check -> quality -> manifest -> rename into place.
 
 Everything is written into a hidden temporary folder beside OUT_DIR and renamed at the end, so a
-failure or Ctrl-C leaves no partial folder behind.
+failure, Ctrl-C or SIGTERM leaves no partial folder behind (a SIGKILL's leftovers are removed by the
+next export into the same parent). `--force` replaces only a previous export, never a user's folder.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from gpt2_onnx.engine.manifest import GRAPHS, MANIFEST, Manifest
 from gpt2_onnx.errors import Gpt2OnnxError
 
 from .quantize import QuantConfig
@@ -25,20 +28,17 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class ExportResult:
     out_dir: Path
-    manifest: dict
-
-
-GRAPHS = ("fast", "reference")
+    manifest: Manifest
 
 
 def export_model(source: str, out_dir: str | Path, *, quant: QuantConfig | None = None, graph: str = "fast",
-                 force: bool = False, eval_text: str | Path | None = None, eval_windows: int = 160,
+                 force: bool = False, eval_text: str | Path | None = None, eval_windows: int | None = None,
                  log: Log = print) -> ExportResult:
     """Export `source` (hub id, local folder or random:<preset>) to an ONNX folder at `out_dir`.
 
     `graph="fast"` writes the op-by-op graph the engine is tuned for (any precision); `"reference"` is
     Optimum's plain export (fp32), kept to check the fast graph against. Quantized exports measure their
-    quality over `eval_windows` windows of 128 tokens; 0 skips that stage.
+    quality against PyTorch (`eval_windows` windows of the evaluation text; 0 skips that stage).
     """
     out_dir = Path(out_dir)
     quant = quant or QuantConfig.fp32()
@@ -46,35 +46,42 @@ def export_model(source: str, out_dir: str | Path, *, quant: QuantConfig | None 
         raise Gpt2OnnxError(f"unknown graph {graph!r}; choose one of {', '.join(GRAPHS)}")
     if graph == "reference" and quant.precision != "fp32":
         raise Gpt2OnnxError("the reference graph is fp32 only; quantized precisions use --graph fast")
-    check_destination(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    if eval_text is not None and not Path(eval_text).is_file():
+        raise Gpt2OnnxError(f"--eval-text {eval_text} is not a readable file")
+    check_destination(source, out_dir, force)
+    remove_stale_work(out_dir, log)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
+    except OSError as exc:
+        raise Gpt2OnnxError(f"cannot write beside {out_dir} ({exc.strerror}); choose a writable OUT_DIR") from None
     work.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
     try:
-        manifest = _run_stages(source, work, quant, graph, (eval_text, eval_windows), log)
-        replace_folder(work, out_dir)
+        with _sigterm_as_interrupt():
+            manifest = _run_stages(source, work, quant, graph, (eval_text, eval_windows), log)
+            replace_folder(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    log(f"wrote {out_dir} ({manifest['size_bytes'] / 1e6:.1f} MB, {manifest['precision']}, "
-        f"max |Δlogit| vs PyTorch {manifest['parity']['max_abs_logit_diff']:.2e})")
-    if "quality" in manifest:
-        q = manifest["quality"]
+    log(f"wrote {out_dir} ({manifest.size_bytes / 1e6:.1f} MB, {manifest.precision}, "
+        f"max |Δlogit| vs PyTorch {manifest.parity['max_abs_logit_diff']:.2e})")
+    if manifest.quality:
+        q = manifest.quality
         log(f"quality vs PyTorch fp32 over {q['tokens']} tokens: top-1 agreement {q['top1_agreement']:.4f}, "
             f"mean KL {q['mean_kl']:.5f}, perplexity ratio {q['perplexity_ratio']:.4f}")
     return ExportResult(out_dir, manifest)
 
 
-def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluation: tuple, log: Log) -> dict:
+def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluation: tuple, log: Log) -> Manifest:
     from gpt2_onnx.engine import Engine
 
     from .load import load_checkpoint
-    from .manifest import MANIFEST, write_manifest
+    from .manifest import check_io, finish
     from .parity import measure_parity
     from .quality import evaluation_windows, measure_quality
     from .to_onnx import export_fast_graph, export_reference_graph
 
-    measure = quant.precision != "fp32" and evaluation[1] > 0
+    measure = quant.precision != "fp32" and evaluation[1] != 0
     stages = _Stages(log, total=5 if measure else 4)
     with stages("load", source):
         checkpoint = load_checkpoint(source)
@@ -88,20 +95,24 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
             model_path = export_reference_graph(checkpoint.model, work)
     checkpoint.model.config.save_pretrained(work)
     checkpoint.tokenizer.save_pretrained(work)
-    # the engine reads the graph kind from the manifest; a provisional one lets the checks run it
-    (work / MANIFEST).write_text(json.dumps({"graph": graph, "precision": quant.precision}))
+    manifest = Manifest.for_graph(graph, quant.precision, checkpoint.model.config.to_dict(), source=source,
+                                  source_kind=checkpoint.kind,
+                                  quantization={**asdict(quant), "max_weight_error": max_weight_error})
     with stages("check", "onnx.checker, then parity with PyTorch"):
         _check_graph(model_path)
-        parity = measure_parity(checkpoint.model, work)
-    extra = {"quantization": {**asdict(quant), "max_weight_error": max_weight_error}}
+        check_io(work, manifest)
+        manifest = replace(manifest, parity=measure_parity(checkpoint.model, Engine(work, manifest=manifest)))
     if measure:
         with stages("quality", "teacher-forced against PyTorch fp32"):
-            windows, described = evaluation_windows(checkpoint.tokenizer, checkpoint.model, *evaluation)
-            extra["quality"] = {"text": described, **measure_quality(checkpoint.model, Engine(work), windows)}
+            text, windows = evaluation
+            windows_args = () if windows is None else (windows,)
+            ids, described = evaluation_windows(checkpoint.tokenizer, checkpoint.model, text, *windows_args)
+            quality = measure_quality(checkpoint.model, Engine(work, manifest=manifest), ids)
+            manifest = replace(manifest, quality={"text": described, **quality})
     with stages("manifest", "hashes and versions"):
-        return write_manifest(work, source=source, source_kind=checkpoint.kind,
-                              config=checkpoint.model.config.to_dict(), precision=quant.precision, graph=graph,
-                              parity=parity, extra=extra)
+        manifest = finish(manifest, work)
+        manifest.write(work)
+        return manifest
 
 
 def describe(quant: QuantConfig) -> str:
@@ -117,22 +128,74 @@ def _check_graph(model_path: Path) -> None:
     onnx.checker.check_model(str(model_path))  # path form: works past 2 GB with external data
 
 
-def check_destination(out_dir: Path, force: bool) -> None:
+def check_destination(source: str, out_dir: Path, force: bool) -> None:
+    """Refuse to write where it would destroy what the user did not ask to replace."""
     if out_dir.exists() and not out_dir.is_dir():
         raise Gpt2OnnxError(f"{out_dir} exists and is not a folder; choose another OUT_DIR")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise Gpt2OnnxError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    source_path = Path(source).expanduser()
+    if source_path.exists():
+        src, out = source_path.resolve(), out_dir.resolve()
+        if out == src or out in src.parents:
+            raise Gpt2OnnxError(f"OUT_DIR {out_dir} is the source checkpoint or holds it; choose another OUT_DIR")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise Gpt2OnnxError(f"{out_dir} exists and is not empty; pass --force to replace a previous export")
+        if not (out_dir / MANIFEST).is_file():
+            raise Gpt2OnnxError(f"{out_dir} is not a gpt2-onnx export (it has no {MANIFEST}); --force replaces only "
+                                "a previous export: choose another OUT_DIR or empty it yourself")
+
+
+def remove_stale_work(out_dir: Path, log: Log) -> None:
+    """Temporary folders of exports killed before they could clean up (their process is gone)."""
+    if not out_dir.parent.is_dir():
+        return
+    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid = stale.name.removeprefix(f".{out_dir.name}.partial-").split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            log(f"removing {stale}: left by an export (pid {pid}) that was killed")
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def replace_folder(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing what was there with two renames (never a half-written target)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{time.time_ns()}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move `new` to `target`. A previous `target` is kept aside until the new one is in place, and put
+    back if that fails, so at every moment one of them is at `target` or recoverable beside it."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+    target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a supervisor, `kill`) cleans up like Ctrl-C instead of leaving the temp folder behind."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Stages:

@@ -6,20 +6,16 @@ the full logits rows are compared. Greedy tokens come from PyTorch so both sides
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 PARITY_PROMPT = "In 1879, the small town of Ashford held its first fair. Visitors came from"
 PARITY_STEPS = 8
 
 
-def measure_parity(torch_model, model_dir: Path, steps: int = PARITY_STEPS) -> dict:
+def measure_parity(torch_model, engine, steps: int = PARITY_STEPS) -> dict:
+    """`engine`: a gpt2_onnx Engine over the export to check."""
     import torch
 
-    from gpt2_onnx.engine import Engine
-
-    engine = Engine(model_dir, provider="cpu")
     prompt = engine.encode(PARITY_PROMPT)
     decoder = engine.new_decoder()
     ids = np.array([prompt], np.int64)

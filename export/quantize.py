@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpt2_onnx.engine.manifest import PRECISIONS
 from gpt2_onnx.errors import Gpt2OnnxError
 
 BLOCK_SIZES = (16, 32, 64, 128)
-PRECISIONS = ("fp32", "int8", "int4", "fp16")  # fp16 is for the CUDA provider
 
 
 @dataclass(frozen=True)

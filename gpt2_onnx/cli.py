@@ -1,37 +1,67 @@
-"""`gpt2-onnx VERB ...`: export, generate, quality, serve, bench.
+"""`gpt2-onnx VERB ...`: export, quality, verify, generate, serve, bench.
 
-Each verb is a `add_<verb>(subparsers)` + `run_<verb>(args)` pair; errors print one line and exit 2.
+Each verb is an `add_<verb>(subparsers)` + `run_<verb>(args)` pair. Building the parser imports only the
+run-time engine's declarations, so every verb's --help (and generate, serve, verify) works on a
+run-time-only install. Errors print one line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
+from gpt2_onnx.engine.config import GenerationConfig, user_options
+from gpt2_onnx.engine.manifest import GRAPHS, PRECISIONS
+from gpt2_onnx.engine.scheduler import SchedulerConfig
+from gpt2_onnx.engine.session import PROVIDERS
 from gpt2_onnx.errors import Gpt2OnnxError
 
 
+class Help(argparse.HelpFormatter):
+    """Shows each default once: appended unless the help already says it, never for None or False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, [], argparse.SUPPRESS) \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, formatter_class=Help)
+
+
+def positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a GPT-2 checkpoint to an ONNX folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _parser(sub, "export", "export a GPT-2 checkpoint to an ONNX folder")
     p.add_argument("source", help="hub id (gpt2, distilgpt2, ...), a local checkpoint folder, or random:<preset>")
     p.add_argument("out_dir", help="folder to write (refused if it exists and is not empty, unless --force)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
-    p.add_argument("--precision", choices=["fp32", "int8", "int4", "fp16"], default="fp32",
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds a previous export")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp16 is meant for --provider cuda (on CPU it runs, slower than fp32)")
-    p.add_argument("--graph", choices=["fast", "reference"], default="fast",
+    p.add_argument("--graph", choices=GRAPHS, default="fast",
                    help="fast: the engine's fused graph; reference: Optimum's plain export (fp32)")
     q = p.add_argument_group("quantization")
     q.add_argument("--block-size", type=int, default=32, help="int4: weights per scale along K")
     q.add_argument("--asymmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="store a zero point per block (default: symmetric, which measured as accurate and faster)")
     q.add_argument("--lm-head-bits", type=int, choices=[4, 8, 32], default=None,
-                   help="bits of the tied embedding / LM head (default: 8 for int4, 8 for int8)")
+                   help="bits of the tied embedding / LM head (default: 8 for int8 and int4)")
     q.add_argument("--eval-text", default=None,
-                   help="text file for the quality measurement (default: text sampled from the fp32 model)")
-    q.add_argument("--skip-quality", action="store_true",
-                   help="do not measure quality against PyTorch (minutes for gpt2 on 2 cores); the manifest then has none")
+                   help="text file for the quality measurement (default: the prose shipped with gpt2-onnx)")
+    q.add_argument("--skip-quality", action="store_true", help="do not measure quality against PyTorch")
 
 
 def quant_config(args):
@@ -52,15 +82,14 @@ def run_export(args) -> None:
     from gpt2_onnx.export import export_model
 
     export_model(args.source, args.out_dir, quant=quant_config(args), graph=args.graph, force=args.force,
-                 eval_text=args.eval_text, eval_windows=0 if args.skip_quality else 160)
+                 eval_text=args.eval_text, eval_windows=0 if args.skip_quality else None)
 
 
 def add_quality(sub) -> None:
-    p = sub.add_parser("quality", help="measure an export against its fp32 PyTorch source, teacher-forced",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _parser(sub, "quality", "measure an export against its fp32 PyTorch source, teacher-forced")
     p.add_argument("model_dir")
-    p.add_argument("--text", default=None, help="text file (default: text sampled from the fp32 model)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--text", default=None, help="text file (default: the prose shipped with gpt2-onnx)")
+    p.add_argument("--threads", type=positive(int), default=None, help="intra-op threads (default: all CPUs)")
 
 
 def run_quality(args) -> None:
@@ -71,45 +100,57 @@ def run_quality(args) -> None:
     from gpt2_onnx.export.quality import evaluation_windows, measure_quality
 
     engine = Engine(args.model_dir, threads=args.threads)
-    if not engine.info.source:
+    if not engine.manifest.source:
         raise Gpt2OnnxError(f"{args.model_dir} has no gpt2_onnx.json naming its source; export it with gpt2-onnx")
-    checkpoint = load_checkpoint(engine.info.source)
+    checkpoint = load_checkpoint(engine.manifest.source)
     windows, described = evaluation_windows(checkpoint.tokenizer, checkpoint.model, args.text)
     print(json.dumps({"text": described, **measure_quality(checkpoint.model, engine, windows)}, indent=2))
 
 
+def add_verify(sub) -> None:
+    p = _parser(sub, "verify", "check every file of an export against the sha256 in its manifest")
+    p.add_argument("model_dir")
+
+
+def run_verify(args) -> int:
+    from pathlib import Path
+
+    from gpt2_onnx.engine.manifest import Manifest
+
+    folder = Path(args.model_dir)
+    problems = Manifest.read(folder).verify(folder)
+    for problem in problems:
+        print(f"gpt2-onnx verify: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{folder}: every file matches its manifest")
+    return 1 if problems else 0
+
+
 def add_generation_options(p: argparse.ArgumentParser) -> None:
-    from gpt2_onnx.engine import GenerationConfig
+    """The flags come from GenerationConfig's own declarations (engine/config.py)."""
+    g = p.add_argument_group("generation (setting --temperature, --top-k or --top-p turns sampling on)")
+    defaults = GenerationConfig()
+    for option in user_options():
+        meta, default = option.metadata, getattr(defaults, option.name)
+        shown = f" (default: {', '.join(default) or 'none'})" if option.name == "stop" else \
+            ("" if default is None else f" (default: {default}{'; greedy' if option.name == 'temperature' else ''})")
+        g.add_argument(f"--{option.name.replace('_', '-')}", type=meta["kind"], default=None,
+                       action="append" if option.name == "stop" else "store", help=meta["help"] + shown)
+    add_runtime_options(p)
 
-    d = GenerationConfig()
-    g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    g.add_argument("--min-new-tokens", type=int, default=d.min_new_tokens)
-    g.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature; setting it (> 0) turns sampling on (default: greedy)")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    g.add_argument("--top-p", type=float, default=d.top_p, help="1.0 = off")
-    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None)
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("runtime")
-    r.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    r.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all CPUs)")
+    r.add_argument("--provider", choices=list(PROVIDERS), default="cpu")
+    r.add_argument("--threads", type=positive(int), default=None, help="intra-op threads (default: all CPUs)")
 
 
-def generation_config(args):
-    from gpt2_onnx.engine import GenerationConfig
-
-    sampling = (args.temperature is not None and args.temperature > 0) or args.top_k > 0 or args.top_p < 1.0
-    return GenerationConfig(
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=sampling,
-        temperature=args.temperature if args.temperature is not None else 1.0, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), seed=args.seed)
+def generation_config(args) -> GenerationConfig:
+    return GenerationConfig.from_options(**{o.name: getattr(args, o.name) for o in user_options()})
 
 
 def add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="continue a prompt, printing tokens as they come",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _parser(sub, "generate", "continue a prompt, printing tokens as they come")
     p.add_argument("model_dir", help="a folder written by `gpt2-onnx export`")
     p.add_argument("prompt")
     add_generation_options(p)
@@ -118,8 +159,10 @@ def add_generate(sub) -> None:
 def run_generate(args) -> None:
     from gpt2_onnx.engine import Engine
 
-    engine = Engine(args.model_dir, provider=args.provider, threads=args.threads)
     config = generation_config(args)
+    if config.max_new_tokens < 1:
+        raise Gpt2OnnxError("--max-new-tokens must be >= 1")
+    engine = Engine(args.model_dir, provider=args.provider, threads=args.threads)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     for piece in engine.stream(args.prompt, config):
@@ -129,54 +172,87 @@ def run_generate(args) -> None:
 
 
 def add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = SchedulerConfig()
+    p = _parser(sub, "serve", "an OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("model_dir", help="a folder written by `gpt2-onnx export` (the default fast graph)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond that; more get HTTP 429")
+    p.add_argument("--max-batch", type=positive(int), default=d.max_batch, help="requests decoded together")
+    p.add_argument("--max-queue", type=positive(int), default=d.max_queue,
+                   help="rows waiting for a slot; a request that would pass it gets HTTP 429")
+    p.add_argument("--max-body", type=positive(int), default=4 * 1024 * 1024, help="largest request body, bytes")
+    p.add_argument("--max-rows-per-request", type=positive(int), default=64, help="prompts x n in one request")
+    p.add_argument("--request-timeout", type=positive(float), default=600.0, help="seconds before a request is ended")
     p.add_argument("--api-key", default=os.environ.get("GPT2_ONNX_API_KEY"),
                    help="require `Authorization: Bearer KEY` (default: $GPT2_ONNX_API_KEY, else no key)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the folder's name)")
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all CPUs)")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256 before serving")
+    add_runtime_options(p)
 
 
 def run_serve(args) -> None:
-    from gpt2_onnx.engine.server import ServerConfig, serve
+    from pathlib import Path
 
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise Gpt2OnnxError("--max-batch must be >= 1 and --max-queue >= 0")
+    try:
+        from gpt2_onnx.serve.app import ServerConfig, serve
+    except ImportError as exc:
+        raise Gpt2OnnxError(f"serving needs the `serve` extra ({exc.name} is missing): "
+                            "pip install 'gpt2-onnx[serve]'") from None
+    if args.verify:
+        from gpt2_onnx.engine.manifest import Manifest
+
+        folder = Path(args.model_dir)
+        if problems := Manifest.read(folder).verify(folder):
+            raise Gpt2OnnxError(f"{len(problems)} file(s) fail verification, e.g. {problems[0]}; re-export the model")
+    check_port_free(args.host, args.port)
     serve(args.model_dir, ServerConfig(args.host, args.port, args.max_batch, args.max_queue, args.api_key,
-                                       args.model_name), provider=args.provider, threads=args.threads)
+                                       args.model_name, max_body_bytes=args.max_body,
+                                       max_rows_per_request=args.max_rows_per_request,
+                                       request_timeout_s=args.request_timeout),
+          provider=args.provider, threads=args.threads)
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise Gpt2OnnxError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port or "
+                                "stop what uses it") from None
 
 
 def add_bench(sub) -> None:
-    from gpt2_onnx.benchmarks.suite import ALL_SYSTEMS
+    from gpt2_onnx.benchmarks import ALL_SYSTEMS
 
-    p = sub.add_parser("bench", help="latency, throughput, memory and parity against PyTorch and peers, one run",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _parser(sub, "bench", "latency, throughput, memory and parity against PyTorch and peers, one run")
     p.add_argument("--model", default="random:gpt2", help="hub id, local checkpoint folder, or random:<preset>")
     p.add_argument("--quick", action="store_true", help="fewer points and rounds: a smoke run")
     p.add_argument("--out", default="bench-results", help="folder for results.json, results.md and the plots")
-    p.add_argument("--threads", type=int, default=2, help="threads for every system (pinned, stated in the report)")
+    p.add_argument("--threads", type=positive(int), default=2,
+                   help="threads for every system (pinned, stated in the report)")
     p.add_argument("--systems", default=None,
                    help=f"comma-separated, from {','.join(ALL_SYSTEMS)} (default: all; --quick: all but optimum-fp32)")
-    p.add_argument("--reps", type=int, default=None, help="alternating rounds (default 5, quick 2)")
+    p.add_argument("--reps", type=positive(int), default=None, help="alternating rounds (default: 5; quick: 2)")
     p.add_argument("--check", action="append", default=[], metavar="EXPR",
                    help="gate, e.g. 'per_token:engine-int8/per_token:optimum-int8<=0.25'; exit 1 if one fails")
-    p.add_argument("--eval-text", default=None, help="text for the quantized parity (default: sampled from fp32)")
+    p.add_argument("--eval-text", default=None, help="text for the quantized parity (default: the shipped prose)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process memory and cold-start probes")
+    p.add_argument("--no-serving", action="store_true", help="skip the HTTP server under load")
     p.add_argument("--cache", default=None, help="export cache (default: $GPT2_ONNX_CACHE or ~/.cache/gpt2-onnx/bench)")
 
 
 def run_bench(args) -> int:
     from pathlib import Path
 
-    from gpt2_onnx.benchmarks.report import evaluate
-    from gpt2_onnx.benchmarks.suite import ALL_SYSTEMS, BenchConfig, Suite, failed_checks
+    from gpt2_onnx.benchmarks import ALL_SYSTEMS
 
+    try:
+        from gpt2_onnx.benchmarks.report import evaluate
+        from gpt2_onnx.benchmarks.suite import BenchConfig, Suite, failed_checks
+    except ImportError as exc:
+        raise Gpt2OnnxError(f"benchmarks need the `export` and `bench` extras ({exc.name} is missing): "
+                            "pip install 'gpt2-onnx[export,bench]'") from None
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip()) if args.systems else None
     unknown = [s for s in systems or () if s not in ALL_SYSTEMS]
     if unknown:
@@ -189,7 +265,7 @@ def run_bench(args) -> int:
     config = BenchConfig(source=args.model, out=Path(args.out), quick=args.quick, threads=args.threads,
                          systems=systems, reps=args.reps, checks=tuple(args.check),
                          eval_text=Path(args.eval_text) if args.eval_text else None, memory=not args.no_memory,
-                         cache=Path(args.cache) if args.cache else None,
+                         serving=not args.no_serving, cache=Path(args.cache) if args.cache else None,
                          command=" ".join(["gpt2-onnx bench", *sys.argv[2:]]))
     results = Suite(config).run()
     print((Path(args.out) / "results.md").read_text())
@@ -200,9 +276,10 @@ def run_bench(args) -> int:
     return 1 if failed else 0
 
 
-VERBS = {"export": (add_export, run_export), "generate": (add_generate, run_generate),
-         "quality": (add_quality, run_quality), "serve": (add_serve, run_serve),
-         "bench": (add_bench, run_bench)}
+VERBS = {"export": (add_export, run_export), "quality": (add_quality, run_quality),
+         "verify": (add_verify, run_verify), "generate": (add_generate, run_generate),
+         "serve": (add_serve, run_serve), "bench": (add_bench, run_bench)}
+NEEDS_EXPORT = {"export", "quality"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,9 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     except Gpt2OnnxError as exc:
         print(f"gpt2-onnx {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if args.verb not in NEEDS_EXPORT:
+            raise
+        print(f"gpt2-onnx {args.verb}: error: this verb needs the `export` extra ({exc.name} is missing): "
+              "pip install 'gpt2-onnx[export]'", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"gpt2-onnx {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gpt2-onnx generate ... | head`: the reader left; nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     return code or 0
 
 

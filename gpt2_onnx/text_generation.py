@@ -16,9 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from gpt2_onnx.engine import Engine, GenerationConfig
+from gpt2_onnx.engine.config import user_options
 from gpt2_onnx.errors import Gpt2OnnxError
 
-GENERATE_OPTIONS = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "min_new_tokens", "seed"}
+# the engine's own options (max_new_tokens and stop have transformers' names and rules here)
+GENERATE_OPTIONS = {"do_sample"} | {o.name for o in user_options()} - {"max_new_tokens", "stop"}
 
 
 class TextGenerationPipeline:
@@ -50,7 +52,7 @@ class TextGenerationPipeline:
                                 "pass max_new_tokens=N")
         settings = {**{k: v for k, v in self.defaults.items() if k in GENERATE_OPTIONS}, **options}
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        config = GenerationConfig(max_new_tokens=max_new_tokens, stop=stop, **settings)
+        config = GenerationConfig.from_options(max_new_tokens=max_new_tokens, stop=stop, **settings)
         if count > 1 and not config.greedy and config.seed is not None:  # distinct seeds, distinct samples
             results = [self.engine.generate(text, replace(config, seed=config.seed + i)) for i in range(count)]
         else:

@@ -122,7 +122,7 @@ def test_stream_yields_the_same_text_as_generate(tiny_engine):
 
 
 def test_stream_holds_back_partial_characters_and_stop_prefixes(tiny_engine):
-    from gpt2_onnx.engine.generate import _safe_end
+    from gpt2_onnx.engine.detokenize import safe_end as _safe_end
 
     pizza = tiny_engine.encode("a🍕")
     assert len(pizza) > 2  # the emoji's bytes span several tokens
@@ -208,7 +208,7 @@ def test_plain_optimum_cli_folder_loads(tiny_checkpoint, tiny_engine, tmp_path):
 
 def test_fast_graph_matches_reference_graph(tiny_engine, tiny_reference_export):
     reference = Engine(tiny_reference_export, threads=1)
-    assert tiny_engine.info.graph == "fast" and reference.info.graph == "reference"
+    assert tiny_engine.manifest.graph == "fast" and reference.manifest.graph == "reference"
     config = GenerationConfig(max_new_tokens=24, min_new_tokens=24)
     prompts = list(PROMPTS.values())
     assert [r.token_ids for r in tiny_engine.generate(prompts, config)] == \

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
+from gpt2_onnx.engine import Manifest
 from gpt2_onnx.errors import Gpt2OnnxError
 from gpt2_onnx.export import export_model
 
@@ -16,18 +17,22 @@ from .conftest import TINY, make_checkpoint
 
 
 def test_manifest_records_parity_io_and_hashes(tiny_export):
-    manifest = json.loads((tiny_export / "gpt2_onnx.json").read_text())
-    assert manifest["parity"]["max_abs_logit_diff"] <= 1e-4
-    assert manifest["parity"]["greedy_tokens_match"]
-    assert manifest["parity"]["decode_steps"] == 8
-    assert manifest["precision"] == "fp32" and manifest["graph"] == "fast"
-    assert manifest["config"]["n_layer"] == TINY["n_layer"]
-    inputs = [io["name"] for io in manifest["io"]["inputs"]]
-    outputs = [io["name"] for io in manifest["io"]["outputs"]]
-    assert {"input_ids", "position_ids", "seqlens_k", "past_key_values.1.value"} <= set(inputs)
-    assert {"logits", "present.0.key", "present.1.value"} <= set(outputs)
-    assert set(manifest["files"]) >= {"model.onnx", "tokenizer.json", "config.json"}
-    assert all(manifest["versions"][p] for p in ("torch", "transformers", "onnx", "onnxruntime"))
+    manifest = Manifest.read(tiny_export)
+    assert manifest.parity["max_abs_logit_diff"] <= 1e-4
+    assert manifest.parity["greedy_tokens_match"]
+    assert manifest.parity["decode_steps"] == 8
+    assert manifest.precision == "fp32" and manifest.graph == "fast"
+    assert manifest.n_layer == TINY["n_layer"]
+    pasts, presents = zip(*manifest.io.cache_names(manifest.n_layer))
+    inputs, outputs = {*manifest.io.inputs, *pasts}, {manifest.io.logits, *presents}
+    assert {"input_ids", "position_ids", "seqlens_k", "past_key_values.1.value"} <= inputs
+    assert {"logits", "present.0.key", "present.1.value"} <= outputs
+    graph = onnx.load(str(tiny_export / "model.onnx")).graph  # the manifest's IO is the graph's
+    assert inputs == {i.name for i in graph.input} and outputs == {o.name for o in graph.output}
+    assert manifest.io.kv_dtype == "float32"
+    assert set(manifest.files) >= {"model.onnx", "tokenizer.json", "config.json"}
+    assert manifest.sizes["model.onnx"] == (tiny_export / "model.onnx").stat().st_size
+    assert all(manifest.versions[p] for p in ("torch", "transformers", "onnx", "onnxruntime"))
 
 
 @pytest.mark.parametrize("graph, table", [("fast", "wte.weight"), ("reference", "transformer.wte.weight")])
@@ -47,8 +52,14 @@ def test_refuses_non_empty_out_dir_without_force(tiny_checkpoint, tmp_path):
     with pytest.raises(Gpt2OnnxError, match="--force"):
         export_model(str(tiny_checkpoint), out, log=lambda _: None)
     assert (out / "keep.txt").read_text() == "mine"
-    export_model(str(tiny_checkpoint), out, force=True, log=lambda _: None)
-    assert not (out / "keep.txt").exists() and (out / "model.onnx").exists()
+    with pytest.raises(Gpt2OnnxError, match="not a gpt2-onnx export"):  # --force replaces only an export
+        export_model(str(tiny_checkpoint), out, force=True, log=lambda _: None)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export_model(str(tiny_checkpoint), out, log=lambda _: None)  # empty: no --force needed
+    (out / "old-marker").write_text("from the previous export")
+    export_model(str(tiny_checkpoint), out, force=True, log=lambda _: None)  # a previous export: replaced
+    assert not (out / "old-marker").exists() and (out / "model.onnx").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -89,8 +100,8 @@ def test_folder_without_weights_or_wrong_architecture(tiny_checkpoint, tmp_path)
 
 def test_random_preset_exports(tmp_path):
     result = export_model("random:tiny", tmp_path / "out", log=lambda _: None)
-    assert result.manifest["source_kind"] == "random"
-    assert result.manifest["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert result.manifest.source_kind == "random"
+    assert result.manifest.parity["max_abs_logit_diff"] <= 1e-4
 
 
 def test_large_models_use_external_data(tmp_path, monkeypatch):
@@ -101,4 +112,4 @@ def test_large_models_use_external_data(tmp_path, monkeypatch):
     result = export_model(str(ckpt), tmp_path / "out", log=lambda _: None)
     assert (result.out_dir / "model.onnx.data").exists()
     assert (result.out_dir / "model.onnx").stat().st_size < 1_000_000
-    assert result.manifest["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert result.manifest.parity["max_abs_logit_diff"] <= 1e-4

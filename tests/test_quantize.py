@@ -92,7 +92,7 @@ def test_block_that_does_not_divide_the_width_is_refused(tiny_checkpoint, tmp_pa
 def test_quality_on_the_trained_fixture(tmp_path, name, quant, min_top1, max_ratio):
     result = export_model(str(TRAINED), tmp_path / name, quant=quant, eval_text=EVAL_TEXT, eval_windows=48,
                           log=lambda _: None)
-    quality = result.manifest["quality"]
+    quality = result.manifest.quality
     assert quality["tokens"] == 48 * 128
     assert quality["top1_agreement"] >= min_top1, quality
     assert quality["perplexity_ratio"] <= max_ratio, quality
@@ -116,13 +116,13 @@ def test_fp16_keeps_the_residual_stream_layernorms_and_logits_in_fp32(fp16_expor
             assert all(weights[name] == f32 for name in node.input[2:] if name in weights)
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
     assert types["logits"] == f32 and types["past_key_values.0.key"] == f16 and types["present.1.value"] == f16
-    assert fp16_export.manifest["precision"] == "fp16"
+    assert fp16_export.manifest.precision == "fp16"
 
 
 def test_fp16_matches_pytorch(fp16_export, tiny_engine):
-    parity = fp16_export.manifest["parity"]
+    parity = fp16_export.manifest.parity
     assert parity["greedy_tokens_match"] and parity["max_abs_logit_diff"] < 1e-2
-    assert fp16_export.manifest["quality"]["top1_agreement"] >= 0.99
+    assert fp16_export.manifest.quality["top1_agreement"] >= 0.99
     engine = Engine(fp16_export.out_dir)
     config = GenerationConfig(max_new_tokens=16)
     prompts = ["Hello there", "The quick brown fox"]

@@ -21,6 +21,7 @@ from openai import OpenAI
 
 from gpt2_onnx.engine import Engine, GenerationConfig
 
+MODEL = "tiny-1024"  # the served model: the export folder's name
 PROMPTS = ["The quick brown fox", "Once upon a time", "def main():\n    ", "Übermäßig schöne Grüße", "Hello",
            "In 1905, Einstein", "Rockets 🚀 and pizza 🍕", "A B C D E F G"]
 
@@ -79,26 +80,26 @@ def metric(url: str, name: str) -> float:
 
 
 def test_completions_equal_the_engine_greedy_and_seeded(client, engine):
-    greedy = client.completions.create(model="any", prompt=PROMPTS[0], max_tokens=24, temperature=0)
+    greedy = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=24, temperature=0)
     expected = engine.generate(PROMPTS[0], max_new_tokens=24)
     assert greedy.choices[0].text == expected.text
     assert greedy.usage.completion_tokens == len(expected.token_ids)
     assert greedy.usage.prompt_tokens == expected.prompt_tokens
-    sampled = client.completions.create(model="any", prompt=PROMPTS[1], max_tokens=16, temperature=0.9, top_p=0.9,
+    sampled = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0.9, top_p=0.9,
                                         seed=5)
     config = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.9, seed=5)
     assert sampled.choices[0].text == engine.generate(PROMPTS[1], config).text
 
 
 def test_many_prompts_and_n_choices(client, engine):
-    answer = client.completions.create(model="any", prompt=PROMPTS[:3], max_tokens=8, temperature=0, n=2)
+    answer = client.completions.create(model=MODEL, prompt=PROMPTS[:3], max_tokens=8, temperature=0, n=2)
     assert [c.index for c in answer.choices] == list(range(6))
     for choice in answer.choices:
         assert choice.text == engine.generate(PROMPTS[choice.index // 2], max_new_tokens=8).text
 
 
 def test_streaming_through_the_openai_client(client, engine):
-    chunks = list(client.completions.create(model="any", prompt=PROMPTS[3], max_tokens=20, temperature=0, stream=True))
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=20, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == engine.generate(PROMPTS[3], max_new_tokens=20).text
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
@@ -107,7 +108,7 @@ def test_streaming_through_the_openai_client(client, engine):
 def test_stop_strings(client, engine):
     text = engine.generate(PROMPTS[5], max_new_tokens=20).text
     stop = text[6:9]
-    answer = client.completions.create(model="any", prompt=PROMPTS[5], max_tokens=20, temperature=0, stop=[stop])
+    answer = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=20, temperature=0, stop=[stop])
     assert answer.choices[0].text == text[: text.find(stop)] and answer.choices[0].finish_reason == "stop"
 
 
@@ -115,7 +116,7 @@ def test_echo_and_logprobs_match_pytorch(client, engine):
     torch_model = _torch_model(engine)
     prompt = PROMPTS[5]
     ids = engine.encode(prompt)
-    scored = client.completions.create(model="any", prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
     with torch.inference_mode():
         reference = torch.log_softmax(torch_model(torch.tensor([ids])).logits[0].double(), -1).numpy()
     logprobs = scored.choices[0].logprobs
@@ -126,7 +127,7 @@ def test_echo_and_logprobs_match_pytorch(client, engine):
     assert all(len(top) == 1 for top in logprobs.top_logprobs[1:])
     assert logprobs.text_offset == [len(engine.tokenizer.decode(ids[:t])) for t in range(len(ids))]
 
-    generated = client.completions.create(model="any", prompt=prompt, max_tokens=4, echo=True, logprobs=3,
+    generated = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, echo=True, logprobs=3,
                                           temperature=0)
     logprobs = generated.choices[0].logprobs
     new_ids = engine.generate(prompt, max_new_tokens=4).token_ids
@@ -142,7 +143,7 @@ def test_echo_and_logprobs_match_pytorch(client, engine):
 def _torch_model(engine):
     from transformers import GPT2LMHeadModel
 
-    return GPT2LMHeadModel.from_pretrained(engine.info.source).eval()
+    return GPT2LMHeadModel.from_pretrained(engine.manifest.source).eval()
 
 
 @pytest.mark.parametrize("payload, param", [
@@ -175,7 +176,7 @@ def test_malformed_json_is_a_400(server):
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny-1024"]
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
-    client.completions.create(model="any", prompt="Hi", max_tokens=3, temperature=0)
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
     text = httpx.get(f"{server}/metrics").text
     for name in ("generated_tokens_total", "prompt_tokens_total", "queue_depth", "running",
                  "request_latency_seconds_bucket", "time_to_first_token_seconds_count"):
@@ -236,7 +237,7 @@ def test_api_key_is_required_when_set(long_context_export):
         wrong = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "API key" in wrong.json()["error"]["message"]
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
-        answer = OpenAI(base_url=f"{url}/v1", api_key="s3cret").completions.create(model="m", prompt="hi", max_tokens=2)
+        answer = OpenAI(base_url=f"{url}/v1", api_key="s3cret").completions.create(model=MODEL, prompt="hi", max_tokens=2)
         assert len(answer.choices) == 1
 
 

@@ -1,0 +1,189 @@
+"""Decoders: one forward pass of the graph plus the KV cache it carries between steps.
+
+Every decoder has the calls the generation loop uses:
+    prefill(prompts, max_length) -> logits [B, V] at each prompt's last token
+    decode(tokens [n]) -> logits [n, V] for the next position of the n rows now in the batch
+    remove(row) -> the row leaves the batch; the last row takes its index (as list "swap-remove")
+The logits returned by `decode` may be a buffer that the next call overwrites: copy them to keep them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from gpt2_onnx.errors import Gpt2OnnxError
+
+from .manifest import FAST_INPUTS, REFERENCE_INPUTS, Manifest
+
+
+class ConcatCacheDecoder:
+    """Optimum's graph: `past_key_values.{i}.key/value` [B, H, T, D] in, `present.{i}.*` [B, H, T+S, D] out.
+
+    The graph itself concatenates the cache each step; we hand each `present` OrtValue back as the next
+    `past` through IO binding, so nothing is copied through numpy. This is the reference path: prompts
+    are prefilled together, left-padded, and rows cannot join a running batch.
+    """
+
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, provider: str = "cpu") -> None:
+        manifest.io.require(*REFERENCE_INPUTS)
+        self.session, self.manifest, self.provider = session, manifest, provider
+        self.cache_names, self.present_names = map(list, zip(*manifest.io.cache_names(manifest.n_layer)))
+        self.past: list[ort.OrtValue] = []
+        self.attention_mask = np.zeros((0, 0), np.int64)  # [B, T]: 0 for left padding
+        self.next_position = np.zeros(0, np.int64)  # [B]
+
+    def prefill(self, prompts: list[list[int]], max_length: int | None = None) -> np.ndarray:
+        input_ids, self.attention_mask = left_pad(prompts, pad_id=self.manifest.eos_token_id)
+        empty = np.zeros((len(prompts), self.manifest.n_head, 0, self.manifest.head_dim), self.manifest.io.kv_dtype)
+        self.past = [ort.OrtValue.ortvalue_from_numpy(empty, self.provider, 0) for _ in self.cache_names]
+        positions = np.maximum(np.cumsum(self.attention_mask, axis=1) - 1, 0)  # pads get position 0
+        self.next_position = positions[:, -1] + 1
+        return self._run(input_ids, positions)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        batch = tokens.shape[0]
+        self.attention_mask = np.concatenate([self.attention_mask, np.ones((batch, 1), np.int64)], axis=1)
+        positions = self.next_position[:, None]
+        self.next_position = self.next_position + 1
+        return self._run(tokens.reshape(batch, 1).astype(np.int64), positions)
+
+    def remove(self, row: int) -> None:
+        order = np.arange(len(self.next_position) - 1)
+        if row < len(order):
+            order[row] = len(order)  # the last row moves into the hole
+        self.attention_mask, self.next_position = self.attention_mask[order], self.next_position[order]
+        self.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[order]), self.provider, 0)
+                     for value in self.past]
+
+    def _run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        binding = self.session.io_binding()
+        inputs = (input_ids, self.attention_mask, np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, value in zip(REFERENCE_INPUTS, inputs):
+            binding.bind_cpu_input(name, value)
+        for name, value in zip(self.cache_names, self.past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(self.manifest.io.logits, self.provider)
+        for name in self.present_names:
+            binding.bind_output(name, self.provider)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.past = list(outputs[1:])
+        return outputs[0].numpy()[:, -1, :]  # [B, S, V] -> last position
+
+
+class SharedBufferDecoder:
+    """The fast graph: one KV buffer per layer and kind, [capacity, H, T_max, D], allocated once and bound
+    as both past and present, so GroupQueryAttention writes only each step's new row in place.
+
+    Rows are slots: `add` prefills a prompt into the next free slot (each slot's slice of the buffer is
+    contiguous, so it is bound by pointer; no padding is computed), even while other rows are
+    mid-generation. Decode steps run the first `rows` slots together with one `seqlens_k` per row;
+    `remove` keeps the live rows packed at the front by moving the last row into the hole.
+    """
+
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, provider: str = "cpu") -> None:
+        manifest.io.require(*FAST_INPUTS)
+        self.session, self.manifest, self.provider = session, manifest, provider
+        self.names = manifest.io.cache_names(manifest.n_layer)  # (past, present) per layer and kind
+        self.dtype = np.dtype(manifest.io.kv_dtype)  # fp16 graphs keep an fp16 cache
+        self.capacity = self.max_length = self.rows = 0
+
+    def allocate(self, capacity: int, max_length: int) -> None:
+        """Room for `capacity` rows of up to `max_length` tokens each (prompt + generated)."""
+        shape = (capacity, self.manifest.n_head, max_length, self.manifest.head_dim)
+        if self.provider == "cpu":  # numpy owns the memory (zeroed lazily by the OS: pages are touched as used)
+            self.arrays = [np.zeros(shape, self.dtype) for _ in self.names]
+            self.buffers = [ort.OrtValue.ortvalue_from_numpy(array) for array in self.arrays]
+        else:
+            self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.provider, 0)
+                            for _ in self.names]
+        self.capacity, self.max_length, self.rows = capacity, max_length, 0
+        self.lengths = np.zeros(capacity, np.int64)  # tokens in each row's cache
+        # decode inputs live in numpy arrays that the bound OrtValues share, updated in place each step
+        self.step_ids = np.zeros((capacity, 1), np.int64)
+        self.step_positions = np.zeros((capacity, 1), np.int64)
+        self.step_seqlens = np.zeros(capacity, np.int32)
+        self.step_total = np.zeros((), np.int32)
+        self.step_logits = np.zeros((capacity, 1, self.manifest.vocab_size), np.float32)
+        self.step_bindings: dict[int, ort.IOBinding] = {}  # one per batch size, made when first needed
+
+    def prefill(self, prompts: list[list[int]], max_length: int | None = None) -> np.ndarray:
+        self.allocate(len(prompts), max_length or self.manifest.n_positions)
+        return np.stack([self.add(prompt)[-1] for prompt in prompts])
+
+    def add(self, prompt: list[int], all_logits: bool = False) -> np.ndarray:
+        """Prefill `prompt` into the next free row; logits [S, V] at every position, or [1, V] at the last."""
+        if self.rows >= self.capacity or len(prompt) > self.max_length:
+            raise Gpt2OnnxError(f"no room for a prompt of {len(prompt)} tokens: {self.rows} of {self.capacity} rows "
+                                f"in use, {self.max_length} tokens each")
+        length = len(prompt)
+        wanted = np.arange(length, dtype=np.int64) if all_logits else np.array([length - 1], np.int64)
+        logits = np.zeros((1, len(wanted), self.manifest.vocab_size), np.float32)
+        inputs = [np.asarray(prompt, np.int64).reshape(1, length), np.arange(length, dtype=np.int64).reshape(1, length),
+                  np.array([length - 1], np.int32), np.array(length, np.int32), wanted]
+        self.session.run_with_iobinding(self._binding(1, self.rows, inputs, logits))
+        self.lengths[self.rows] = length
+        self.rows += 1
+        return logits[0]
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        n = self.rows
+        self.step_ids[:n, 0] = tokens
+        self.step_positions[:n, 0] = self.lengths[:n]
+        self.lengths[:n] += 1
+        if self.lengths[:n].max() > self.max_length:
+            raise Gpt2OnnxError(f"a row outgrew its {self.max_length}-token KV buffer; allocate a longer one")
+        self.step_seqlens[:n] = self.lengths[:n] - 1
+        self.step_total[...] = self.lengths[:n].max()
+        if n not in self.step_bindings:
+            inputs = [self.step_ids[:n], self.step_positions[:n], self.step_seqlens[:n], self.step_total,
+                      np.array([-1], np.int64)]
+            self.step_bindings[n] = self._binding(n, 0, inputs, self.step_logits[:n])
+        self.session.run_with_iobinding(self.step_bindings[n])
+        return self.step_logits[:n, 0]
+
+    def remove(self, row: int) -> None:
+        last = self.rows - 1
+        if row != last:
+            self._move_row(last, row)
+            self.lengths[row] = self.lengths[last]
+        self.lengths[last] = 0
+        self.rows -= 1
+
+    def _move_row(self, source: int, target: int) -> None:
+        """Copy the filled part of one row's KV cache over another's."""
+        filled = int(self.lengths[source])
+        if self.provider == "cpu":
+            for array in self.arrays:
+                array[target, :, :filled] = array[source, :, :filled]
+            return
+        for buffer in self.buffers:  # onnxruntime's Python API has no device-to-device copy: go through the host
+            array = buffer.numpy()
+            array[target, :, :filled] = array[source, :, :filled]
+            buffer.update_inplace(array)
+
+    def _binding(self, batch: int, first_row: int, inputs: list[np.ndarray], logits: np.ndarray) -> ort.IOBinding:
+        binding = self.session.io_binding()
+        for name, value in zip(FAST_INPUTS, inputs):
+            binding.bind_cpu_input(name, value)
+        binding.bind_output(self.manifest.io.logits, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        shape = self.buffers[0].shape()
+        row_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
+        for (past, present), buffer in zip(self.names, self.buffers):
+            view = dict(device_type=self.provider, device_id=0, element_type=self.dtype,
+                        shape=[batch, *shape[1:]], buffer_ptr=buffer.data_ptr() + first_row * row_bytes)
+            binding.bind_input(past, **view)
+            binding.bind_output(present, **view)
+        return binding
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths -> input_ids [B, S] and attention_mask [B, S], padded on the left."""
+    width = max(len(p) for p in prompts)
+    input_ids = np.full((len(prompts), width), pad_id, np.int64)
+    attention_mask = np.zeros((len(prompts), width), np.int64)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, width - len(prompt):] = prompt
+        attention_mask[b, width - len(prompt):] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,125 @@
+"""The Engine: one object to load an export, one call to generate (as CTranslate2's Generator).
+
+    engine = Engine("models/gpt2")
+    engine.generate("Hello", max_new_tokens=20)      # -> GenerationResult
+    for piece in engine.stream("Hello"): ...           # text as it is generated
+
+Both drive the one decode loop in loop.py; the continuous-batching scheduler drives the same loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from gpt2_onnx.errors import Gpt2OnnxError
+
+from .config import GenerationConfig, GenerationResult
+from .decoders import ConcatCacheDecoder, SharedBufferDecoder
+from .detokenize import IncrementalText
+from .loop import Batch, Row
+from .manifest import Manifest
+from .session import create_session, load_tokenizer
+
+Prompt = str | Sequence[int]
+
+
+class ContextTooLong(Gpt2OnnxError):
+    """The prompt and the tokens asked for do not fit the model's context."""
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, provider: str = "cpu", threads: int | None = None,
+                 manifest: Manifest | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            what = "is a file, not a folder" if self.model_dir.exists() else "does not exist"
+            raise Gpt2OnnxError(f"model folder {self.model_dir} {what}; give the folder written by "
+                                "`gpt2-onnx export SOURCE OUT_DIR`")
+        self.manifest = manifest or Manifest.read(self.model_dir)  # the export's own, before it is written
+        self.manifest.check_files(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.provider = provider
+        self.session = create_session(self.model_dir, provider, threads)
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None,
+                 **options) -> GenerationResult | list[GenerationResult]:
+        """A prompt (text or token ids) -> one result; a list of prompts -> a list, decoded as one batch."""
+        config = _config(config, options)
+        single = _is_single(prompts)
+        rows = [self.new_row(p, config) for p in ([prompts] if single else prompts)]
+        started = time.perf_counter()
+        for _ in self.decode_steps(rows):
+            pass
+        total_ms = (time.perf_counter() - started) * 1e3
+        results = [row.result(total_ms) for row in rows]
+        return results[0] if single else results
+
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **options) -> Iterator[str]:
+        """Yield the continuation's text piece by piece, never splitting a character or a stop string."""
+        row = self.new_row(prompt, _config(config, options))
+        for _ in self.decode_steps([row]):
+            if piece := row.unsent_text():
+                yield piece
+        if row.finish_reason == "error":
+            raise Gpt2OnnxError(f"generation failed: {row.error}")
+
+    def new_row(self, prompt: Prompt, config: GenerationConfig, seed_offset: int = 0, logprobs: int | None = None,
+                score_prompt: bool = False) -> Row:
+        """A prompt ready for the loop; rows of one seed sample alike unless given different offsets."""
+        ids = self.encode(prompt)
+        if len(ids) + config.max_new_tokens > self.manifest.n_positions:
+            raise ContextTooLong(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the model's "
+                f"context of {self.manifest.n_positions} tokens; shorten the prompt or lower max_new_tokens")
+        seed = None if config.seed is None else (config.seed + seed_offset) % 2**63
+        return Row(ids, config, self.manifest.eos_token_id, np.random.default_rng(seed),
+                   IncrementalText(self.tokenizer), logprobs=logprobs, score_prompt=score_prompt)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise Gpt2OnnxError("the prompt is empty; give at least one token of text")
+        if max(ids) >= self.manifest.vocab_size or min(ids) < 0:
+            raise Gpt2OnnxError(f"token ids must be in [0, {self.manifest.vocab_size}); got {min(ids)}..{max(ids)}")
+        return ids
+
+    def new_decoder(self) -> ConcatCacheDecoder | SharedBufferDecoder:
+        """A fresh KV cache over this engine's session, of the kind the manifest names."""
+        kind = SharedBufferDecoder if self.manifest.graph == "fast" else ConcatCacheDecoder
+        return kind(self.session, self.manifest, self.provider)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def decode_steps(self, rows: list[Row]) -> Iterator[int]:
+        """Prefill, then decode until every row has finished; yields the step number after each token.
+        A finished row leaves the batch, so later steps run only the rows still generating."""
+        batch = Batch(self.new_decoder())
+        batch.start(rows, max(len(row.prompt) + max(row.config.max_new_tokens, 1) for row in rows))
+        for step in itertools.count():
+            yield step
+            batch.drop_finished()
+            if not batch.rows:
+                return
+            batch.step()
+
+
+def _is_single(prompts) -> bool:
+    if isinstance(prompts, str):
+        return True
+    if isinstance(prompts, Sequence) and len(prompts) == 0:
+        raise Gpt2OnnxError("the prompt list is empty; pass a string, a list of token ids, or a list of either")
+    return isinstance(prompts, (Sequence, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompts)
+
+
+def _config(config: GenerationConfig | None, options: dict) -> GenerationConfig:
+    if config is not None and options:
+        return replace(config, **options)
+    return config or GenerationConfig(**options)
