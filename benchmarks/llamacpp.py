@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -193,8 +194,10 @@ def gguf_model(cache: ExportCache, llama: LlamaCpp, precision: str, threads: int
 
     from .gguf_convert import convert_to_gguf
 
-    f32 = cache.folder(f"llamacpp-f32-gguf{version('gguf')}",
-                       lambda out: convert_to_gguf(cache.checkpoint(), _made(out) / "model.gguf")) / "model.gguf"
+    def convert(out: Path) -> None:
+        _describe(convert_to_gguf(cache.checkpoint(), _made(out) / "model.gguf"))
+
+    f32 = cache.folder(f"llamacpp-f32-gguf{version('gguf')}", convert) / "model.gguf"
     if precision == "f32":
         return f32
 
@@ -206,12 +209,27 @@ def gguf_model(cache: ExportCache, llama: LlamaCpp, precision: str, threads: int
             raise Gpt2OnnxError(f"llama-quantize to {PRECISIONS[precision]} failed: "
                                 f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
         (out / "quantize.log").write_text(" ".join(cmd) + "\n" + done.stdout + done.stderr)
+        _describe(out / "model.gguf")
     return cache.folder(f"llamacpp-{precision}-{llama.version}", quantize) / "model.gguf"
 
 
 def _made(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def weight_bytes(model: Path) -> int:
+    """`gguf_weight_bytes` of a cached model, from the weights.json beside it (written when the model was made,
+    or now): reading a GGUF header in Python takes seconds (its 50,257 token strings), which the cold start
+    of llama.cpp should not be charged."""
+    described = model.with_name("weights.json")
+    if not described.exists():
+        _describe(model)
+    return json.loads(described.read_text())["weight_bytes"]
+
+
+def _describe(model: Path) -> None:
+    model.with_name("weights.json").write_text(json.dumps({"weight_bytes": gguf_weight_bytes(model)}))
 
 
 def gguf_weight_bytes(path: Path) -> int:

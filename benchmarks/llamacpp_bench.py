@@ -79,7 +79,7 @@ def parse_batched_bench(text: str) -> list[BatchedRow]:
     return rows
 
 
-def latency_summary(rows: list[BenchRow], point: Point) -> dict:
+def latency_summary(rows: list[BenchRow], point: Point, weight_bytes: int = 0) -> dict:
     """Prefill of `point.prompt` tokens and ms per token at that context, from llama-bench's tests.
     p50/p90 are over repetitions' averages: llama-bench times whole runs, not single steps."""
     prefill = _find(rows, n_prompt=point.prompt, n_gen=0, n_depth=0)
@@ -89,7 +89,8 @@ def latency_summary(rows: list[BenchRow], point: Point) -> dict:
             "prefill_ms": _spread(np.array(prefill.samples_ns) / 1e6),
             "per_token_ms": {"p50": float(np.median(per_token)), "p90": float(np.percentile(per_token, 90)),
                              **_spread(per_token)},
-            "decode_tokens_per_s": _spread(1e3 / per_token)}
+            "decode_tokens_per_s": _spread(1e3 / per_token)} | \
+        ({"weight_gb_per_s": weight_bytes / (float(np.median(per_token)) * 1e-3) / 1e9} if weight_bytes else {})
 
 
 def throughput_summary(runs: list[list[BatchedRow]], point: Point) -> dict:
@@ -105,13 +106,17 @@ def throughput_summary(runs: list[list[BatchedRow]], point: Point) -> dict:
 
 def tool_results(llama: LlamaCpp, model: Path, latency_points: list[Point], throughput_points: list[Point],
                  threads: int, reps: int, log: Callable[[str], None] = print) -> dict:
-    """llama.cpp's tools on `model` at the suite's points: {"latency": [...], "throughput": [...], "commands"}."""
+    """llama.cpp's tools on `model` at the suite's points: {"latency": [...], "throughput": [...], "commands"},
+    the summaries shaped like `measure.summarize`'s, with "source" naming the tool."""
+    from .llamacpp import weight_bytes as weight_bytes_of
+
+    weight_bytes = weight_bytes_of(model)
     out: dict = {"latency": [], "throughput": [], "commands": []}
     for point in latency_points:
         assert point.batch == 1, f"llama-bench times one sequence, got {point.label}"
         commands = llama_bench_commands(llama, model, threads, point.prompt, point.new_tokens, reps)
         rows = [row for command in commands for row in parse_llama_bench(_run(command, log))]
-        out["latency"].append(latency_summary(rows, point))
+        out["latency"].append(latency_summary(rows, point, weight_bytes))
         out["commands"] += [" ".join(command) for command in commands]
     by_shape: dict[tuple[int, int], list[Point]] = {}
     for point in throughput_points:

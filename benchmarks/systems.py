@@ -152,7 +152,7 @@ class LlamaCppSystem(System):
     llama_dir: Path | None = None
 
     def load(self) -> None:
-        from .llamacpp import gguf_weight_bytes, llama_cpp
+        from .llamacpp import llama_cpp, weight_bytes
 
         runner = llama_cpp(self.llama_dir, log=lambda _: None).runner
         self.process = subprocess.Popen([str(runner), str(self.folder / "model.gguf"), str(self.threads)],
@@ -160,7 +160,7 @@ class LlamaCppSystem(System):
         ready = self.process.stdout.readline()
         if not ready.startswith('{"ready"'):
             raise RuntimeError(f"llama.cpp driver failed to load {self.folder / 'model.gguf'} (exit {self.process.wait()})")
-        self.weight_bytes = gguf_weight_bytes(self.folder / "model.gguf")
+        self.weight_bytes = weight_bytes(self.folder / "model.gguf")
 
     def run(self, prompts: np.ndarray, new_tokens: int, logits: bool = False) -> Run:
         rows, length = prompts.shape  # [B, L]
