@@ -11,6 +11,7 @@ events into the request's asyncio queue. Every error is answered in OpenAI's sha
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,10 @@ class ServerConfig:
     request_timeout_s: float = 600.0
 
 
-def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI:
+def create_app(engine: Engine, config: ServerConfig = ServerConfig(),
+               metrics_text: Callable[[], Awaitable[str]] | None = None) -> FastAPI:
+    """`metrics_text`, when given, answers GET /metrics instead of this scheduler's own counters (Ray Serve
+    replicas answer with the whole deployment's, serve/ray_metrics.py)."""
     scheduler = Scheduler(engine, SchedulerConfig(config.max_batch, config.max_queue))
     model_name = config.model_name or engine.model_dir.name
     limits = Limits(min(config.max_rows_per_request, config.max_queue), config.request_timeout_s)
@@ -91,7 +95,8 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(scheduler.metrics.render(), media_type="text/plain; version=0.0.4")
+        text = await metrics_text() if metrics_text else scheduler.metrics.render()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict:
