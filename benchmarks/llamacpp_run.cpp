@@ -69,9 +69,10 @@ llama_context * context_for(llama_model * model, int threads, Shape want, Shape 
     params.n_ctx = want.batch * want.cells;
     params.n_batch = params.n_ctx;
     params.n_threads = params.n_threads_batch = threads;
-    have = want;
     ctx = llama_init_from_model(model, params);
     if (ctx && pool) llama_attach_threadpool(ctx, pool, nullptr);
+    // llama.cpp rounds each sequence's cells up (to 256): a warm-up's context then serves the timed runs
+    if (ctx) have = {want.batch, int(llama_n_ctx(ctx)) / want.batch};
     return ctx;
 }
 
