@@ -188,6 +188,12 @@ def add_serve(sub) -> None:
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the folder's name)")
     p.add_argument("--verify", action="store_true", help="check every file's sha256 before serving")
     add_runtime_options(p)
+    r = p.add_argument_group("Ray Serve (more than one process or machine; needs the `ray` extra)")
+    r.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas, each with --threads CPUs (default 1)")
+    r.add_argument("--replicas", type=positive(int), default=1, help="replicas (with --ray)")
+    r.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="let Ray scale the replicas (with --ray)")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this cluster (`ray start --head` prints it); default: start a local Ray")
 
 
 def run_serve(args) -> None:
@@ -204,12 +210,22 @@ def run_serve(args) -> None:
         folder = Path(args.model_dir)
         if problems := Manifest.read(folder).verify(folder):
             raise Gpt2OnnxError(f"{len(problems)} file(s) fail verification, e.g. {problems[0]}; re-export the model")
-    check_port_free(args.host, args.port)
-    serve(args.model_dir, ServerConfig(args.host, args.port, args.max_batch, args.max_queue, args.api_key,
-                                       args.model_name, max_body_bytes=args.max_body,
-                                       max_rows_per_request=args.max_rows_per_request,
-                                       request_timeout_s=args.request_timeout),
-          provider=args.provider, threads=args.threads)
+    config = ServerConfig(args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.model_name,
+                          max_body_bytes=args.max_body, max_rows_per_request=args.max_rows_per_request,
+                          request_timeout_s=args.request_timeout)
+    if not args.ray:
+        if args.replicas != 1 or args.autoscale or args.ray_address:
+            raise Gpt2OnnxError("--replicas, --autoscale and --ray-address need --ray")
+        check_port_free(args.host, args.port)
+        return serve(args.model_dir, config, provider=args.provider, threads=args.threads)
+    from gpt2_onnx.serve.ray_run import RayRun, serve_on_ray
+
+    if args.autoscale and args.replicas != 1:
+        raise Gpt2OnnxError("give --replicas N or --autoscale MIN:MAX, not both")
+    if not args.ray_address:
+        check_port_free(args.host, args.port)
+    serve_on_ray(RayRun(args.model_dir, config, args.threads or 1, args.replicas, args.autoscale, args.ray_address,
+                        args.provider))
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -240,6 +256,11 @@ def add_bench(sub) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the per-process memory and cold-start probes")
     p.add_argument("--no-serving", action="store_true", help="skip the HTTP server under load")
     p.add_argument("--cache", default=None, help="export cache (default: $GPT2_ONNX_CACHE or ~/.cache/gpt2-onnx/bench)")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR",
+                   help="an existing llama.cpp build for the llamacpp-* systems (default: build llama.cpp's tools once "
+                        "from the llama-cpp-python source distribution, cached in ~/.cache/gpt2-onnx/llama.cpp)")
+    p.add_argument("--no-llama-tools", action="store_true",
+                   help="skip llama-bench / llama-batched-bench (llama.cpp is still timed by the suite)")
 
 
 def run_bench(args) -> int:
@@ -266,6 +287,7 @@ def run_bench(args) -> int:
                          systems=systems, reps=args.reps, checks=tuple(args.check),
                          eval_text=Path(args.eval_text) if args.eval_text else None, memory=not args.no_memory,
                          serving=not args.no_serving, cache=Path(args.cache) if args.cache else None,
+                         llama_cpp=Path(args.llama_cpp) if args.llama_cpp else None, llama_tools=not args.no_llama_tools,
                          command=" ".join(["gpt2-onnx bench", *sys.argv[2:]]))
     results = Suite(config).run()
     print((Path(args.out) / "results.md").read_text())
