@@ -73,6 +73,9 @@ def markdown(results: dict) -> str:
         value = "–" if check["value"] is None else f"{check['value']:.3g}"
         verdict = {True: "met", False: "not met", None: "not measured"}[check["holds"]]
         lines.append(f"| `{check['check']}` | {value} | {check['op']} {check['bound']:g} ({verdict}) |")
+    if results.get("llamacpp_commands"):
+        lines += ["", "## llama.cpp's own tools (rows \"(llama.cpp tools)\" above)", ""]
+        lines += [f"    {command}" for command in results["llamacpp_commands"]]
     if results.get("skipped"):
         lines += ["", "## Skipped", ""] + [f"- {name}: {why}" for name, why in results["skipped"].items()]
     return "\n".join(lines) + "\n"

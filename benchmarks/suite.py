@@ -26,7 +26,9 @@ from .serving import serving_load
 from .report import TARGETS, evaluate, write_reports
 from .systems import System, make_systems
 
-QUICK_SYSTEMS = tuple(s for s in ALL_SYSTEMS if s != "optimum-fp32")  # the slowest to load
+# a smoke run: all but the slowest to load, and one llama.cpp precision
+QUICK_SYSTEMS = tuple(s for s in ALL_SYSTEMS if s not in ("optimum-fp32", "llamacpp-f32", "llamacpp-q4_0",
+                                                          "llamacpp-q4_k_m"))
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class BenchConfig:
     memory: bool = True  # the per-system process probes
     serving: bool = True  # the HTTP server under concurrent clients
     cache: Path | None = None
+    llama_cpp: Path | None = None  # an existing llama.cpp build (None: build the pinned one once, cached)
+    llama_tools: bool = True  # llama.cpp's own llama-bench / llama-batched-bench beside the suite's timing of it
     command: str = "gpt2-onnx bench"
 
     @property
@@ -72,7 +76,7 @@ class Suite:
         cache = ExportCache(c.source, c.cache, log=self.log)
         self.log(f"[1/7] exports for {c.source} (cached)")
         names = c.systems or (QUICK_SYSTEMS if c.quick else ALL_SYSTEMS)
-        systems, skipped = make_systems(list(names), cache, c.threads)
+        systems, skipped = make_systems(list(names), cache, c.threads, llama_dir=c.llama_cpp)
         if not systems:
             raise Gpt2OnnxError(f"none of the systems {', '.join(names)} can run here: {skipped}")
         self.log(f"[2/7] loading {', '.join(s.name for s in systems)}" +
@@ -93,6 +97,9 @@ class Suite:
         for key, points in (("latency", latency_points), ("throughput", throughput_points)):
             self.results[key] = {s.name: [summarize(runs[s.name, p], p, s.weight_bytes) for p in points]
                                  for s in systems}
+        llamas = [s for s in systems if s.name.startswith("llamacpp-")]
+        if llamas and c.llama_tools:
+            self._llama_tools(llamas, latency_points, throughput_points)
         if c.memory:
             probed = [s for s in systems if s.name.startswith("engine-")] if c.quick else systems
             self.log(f"[4/7] memory and cold start, one process per system: {', '.join(s.name for s in probed)}")
@@ -118,11 +125,26 @@ class Suite:
         self.log(f"[7/7] wrote {', '.join(str(p) for p in written)} in {self.results['elapsed_s']:.0f} s")
         return self.results
 
+    def _llama_tools(self, llamas: list[System], latency_points: list[Point], throughput_points: list[Point]) -> None:
+        """llama.cpp's figures by its own tools and clock, as rows "<system> (llama.cpp tools)" beside the suite's."""
+        from .llamacpp import llama_cpp
+        from .llamacpp_bench import tool_results
+
+        c = self.config
+        self.log("      llama.cpp's own tools: llama-bench, llama-batched-bench")
+        llama = llama_cpp(c.llama_cpp, log=self.log)
+        for system in llamas:
+            tools = tool_results(llama, system.folder / "model.gguf", latency_points, throughput_points, c.threads,
+                                 c.rounds, self.log)
+            self.results["latency"][f"{system.name} (llama.cpp tools)"] = tools["latency"]
+            self.results["throughput"][f"{system.name} (llama.cpp tools)"] = tools["throughput"]
+            self.results.setdefault("llamacpp_commands", []).extend(tools["commands"])
+
     def _probe(self, system: System, cache: ExportCache, context: int, vocab: int) -> dict:
         long_tokens = 64 if self.config.quick else min(1000, context - 40)
         spec = {"name": system.name, "folder": str(system.folder), "checkpoint": str(cache.checkpoint()),
                 "threads": self.config.threads, "prompt": 32, "vocab_size": vocab, "spawned_at": time.time(),
-                "long_tokens": long_tokens}
+                "long_tokens": long_tokens, "llama_cpp": str(self.config.llama_cpp) if self.config.llama_cpp else None}
         done = subprocess.run([sys.executable, "-m", "gpt2_onnx.benchmarks.probe", json.dumps(spec)],
                               capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:

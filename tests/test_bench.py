@@ -18,6 +18,7 @@ def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     done = subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", "bench", "--model", "random:tiny", "--quick",
                            "--out", str(out / "results"), "--cache", str(out / "cache"), "--systems", SYSTEMS,
+                           "--llama-cpp", str(out / "no-llama-cpp"),  # a folder without llama.cpp: skipped, with why
                            "--check", "per_token:engine-fp32/per_token:pytorch<=1000",
                            "--check", "throughput@4:engine-int8>=1e9"],
                           capture_output=True, text=True, timeout=900)

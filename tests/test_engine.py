@@ -189,10 +189,24 @@ def test_cuda_keeps_the_kv_buffers_on_the_device_and_matches_cpu(tiny_export, ti
            [r.token_ids for r in tiny_engine.generate(prompts, config)]
 
 
-def test_engine_import_needs_no_torch_or_transformers():
-    code = ("import sys; import gpt2_onnx.engine; "
-            "bad = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]; "
-            "assert not bad, bad")
+def test_engine_and_scheduler_need_no_torch_transformers_or_http(tiny_export):
+    code = f"""
+import sys, threading
+from gpt2_onnx.engine import Engine, GenerationConfig
+from gpt2_onnx.engine.scheduler import Job, Scheduler
+engine = Engine({str(tiny_export)!r}, threads=1)
+engine.generate("Hello", max_new_tokens=4)
+scheduler = Scheduler(engine)
+scheduler.start()
+done = threading.Event()
+scheduler.submit([Job(engine.new_row("Hi", GenerationConfig(max_new_tokens=3)),
+                      lambda event: event.finish_reason and done.set())])
+assert done.wait(30)
+scheduler.stop()
+bad = [m for m in ('torch', 'transformers', 'optimum', 'fastapi', 'pydantic', 'starlette', 'uvicorn')
+       if m in sys.modules]
+assert not bad, bad
+"""
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
