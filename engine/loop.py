@@ -46,6 +46,7 @@ class Row:
     decode_ms: float = 0.0  # summed over steps
     steps: int = 0
     seen: np.ndarray | None = field(default=None, repr=False)  # [V] bool, only with a repetition penalty
+    counts: np.ndarray | None = field(default=None, repr=False)  # [V] new tokens, only with presence/frequency
 
     @property
     def done(self) -> bool:
@@ -56,20 +57,31 @@ class Row:
         return self.new_ids[-1] if self.new_ids else self.prompt[-1]
 
     def choose(self, logits: np.ndarray) -> int:
-        if len(self.new_ids) < self.config.min_new_tokens:
+        config = self.config
+        if not self.new_ids:
+            config.check_vocab(logits.shape[-1])
+        if len(self.new_ids) < config.min_new_tokens:
             logits = logits.copy()
-            logits[self.eos_token_id] = -np.inf  # EOS is not allowed yet
-        if self.config.repetition_penalty != 1.0 and self.seen is None:
+            logits[[self.eos_token_id, *(config.stop_token_ids or ())]] = -np.inf  # no end allowed yet
+        if config.repetition_penalty != 1.0 and self.seen is None:
             self.seen = np.zeros(logits.shape[-1], bool)
             self.seen[self.prompt] = True
-        return choose_token(logits, self.config, self.rng, self.seen)
+        if (config.presence_penalty or config.frequency_penalty) and self.counts is None:
+            self.counts = np.zeros(logits.shape[-1], np.int64)
+            np.add.at(self.counts, self.new_ids, 1)
+        return choose_token(logits, config, self.rng, self.seen, self.counts)
 
     def append(self, token: int) -> None:
         self.new_ids.append(token)
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
         if token == self.eos_token_id:
             self.finish("eos")
+            return
+        if self.config.stop_token_ids and token in self.config.stop_token_ids:
+            self.finish("stop")  # the token ends the text without being part of it, as EOS
             return
         before = len(self.text.text)
         if self.text.add(token) and self.config.stop and self._find_stop(before):

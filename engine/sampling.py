@@ -1,7 +1,8 @@
 """Next-token choice as pure functions on a row of logits, plus a seeded generator per row.
 
-Order follows transformers' logits processors: repetition penalty, temperature, top-k, top-p.
-Temperature 0 (or do_sample=False) is argmax.
+Order: OpenAI's `logit_bias`, then its presence and frequency penalties (on the tokens generated so far,
+as OpenAI defines them), then transformers' logits processors: repetition penalty, temperature, top-k,
+top-p. Temperature 0 (or do_sample=False) is argmax of the biased, penalised logits.
 """
 
 from __future__ import annotations
@@ -31,6 +32,25 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray | None, penalt
     return logits
 
 
+def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...] | None) -> np.ndarray:
+    """OpenAI's `logit_bias`: each (token, bias) pair adds `bias` to that token's logit."""
+    if not bias:
+        return logits
+    logits = logits.copy()
+    tokens, values = zip(*bias)
+    logits[list(tokens)] += np.asarray(values, logits.dtype)
+    return logits
+
+
+def apply_openai_penalties(logits: np.ndarray, counts: np.ndarray | None, presence: float,
+                           frequency: float) -> np.ndarray:
+    """OpenAI's definition: logit[j] -= counts[j] * frequency + (counts[j] > 0) * presence, where
+    `counts` [V] is how often each token was generated so far (the prompt does not count)."""
+    if counts is None or (presence == 0.0 and frequency == 0.0):
+        return logits
+    return logits - counts * frequency - (counts > 0) * presence
+
+
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
     if k <= 0 or k >= logits.size:
         return logits
@@ -57,9 +77,12 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def choose_token(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator,
-                 seen: np.ndarray | None = None) -> int:
-    """One row of logits [V] -> the next token id."""
-    logits = apply_repetition_penalty(logits.astype(np.float64), seen, config.repetition_penalty)
+                 seen: np.ndarray | None = None, counts: np.ndarray | None = None) -> int:
+    """One row of logits [V] -> the next token id. `seen` [V] bool marks the prompt's and the new tokens
+    (repetition penalty); `counts` [V] counts the new tokens (presence and frequency penalties)."""
+    logits = apply_logit_bias(logits.astype(np.float64), config.logit_bias)
+    logits = apply_openai_penalties(logits, counts, config.presence_penalty, config.frequency_penalty)
+    logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
     if not np.isfinite(logits.max()):
         raise FloatingPointError("the model produced non-finite logits")
     if config.greedy:
@@ -83,3 +106,10 @@ def token_logprobs(logits: np.ndarray, chosen: int, top: int) -> TokenLogprob:
     best = np.argpartition(-logprobs, top - 1)[:top] if top else np.zeros(0, np.int64)
     best = best[np.argsort(-logprobs[best], kind="stable")]
     return TokenLogprob(int(chosen), float(logprobs[chosen]), [(int(t), float(logprobs[t])) for t in best])
+
+
+def rank_by_mean_logprob(logprobs: list[list[float]]) -> list[int]:
+    """Indices of the sequences, best first, by the mean log-probability of their tokens (OpenAI's
+    `best_of`); an empty sequence ranks last, ties keep their order."""
+    means = [sum(lp) / len(lp) if lp else -np.inf for lp in logprobs]
+    return sorted(range(len(means)), key=lambda i: -means[i])

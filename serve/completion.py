@@ -38,11 +38,12 @@ async def submit(engine: Engine, scheduler: Scheduler, body: CompletionRequest, 
                  model: str) -> Completion:
     if error := body.unsupported():
         raise error
-    config = body.generation_config()
-    prompts = body.prompts()
-    if len(prompts) * body.n > limits.max_rows:
-        raise ApiError(400, f"{len(prompts)} prompt(s) x n={body.n} is {len(prompts) * body.n} rows; this server "
-                            f"takes at most {limits.max_rows} per request", "n" if body.n > 1 else "prompt")
+    config = body.generation_config(engine.manifest.vocab_size)
+    prompts, per_prompt = body.prompts(), body.rows_per_prompt  # n, or best_of
+    if len(prompts) * per_prompt > limits.max_rows:
+        raise ApiError(400, f"{len(prompts)} prompt(s) x {per_prompt} choices is {len(prompts) * per_prompt} rows; "
+                            f"this server takes at most {limits.max_rows} per request",
+                       "n" if per_prompt > 1 else "prompt")
     for prompt in prompts:
         _check_text(prompt, engine.manifest.n_positions)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -75,15 +76,15 @@ def _check_text(prompt, n_positions: int) -> None:
 def _jobs(engine: Engine, body: CompletionRequest, prompts: list, config, emit) -> list[Job]:
     jobs = []
     for i, prompt in enumerate(prompts):
-        for j in range(body.n):
+        for j in range(body.rows_per_prompt):
             try:
-                row = engine.new_row(prompt, config, seed_offset=j, logprobs=body.logprobs,
+                row = engine.new_row(prompt, config, seed_offset=j, logprobs=body.row_logprobs,
                                      score_prompt=body.echo and body.logprobs is not None)
             except ContextTooLong as exc:
                 raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens"), "max_tokens") from None
             except Gpt2OnnxError as exc:
                 raise ApiError(400, str(exc), "prompt") from None
-            jobs.append(Job(row, emit, index=i * body.n + j))
+            jobs.append(Job(row, emit, index=i * body.rows_per_prompt + j))
     return jobs
 
 
@@ -175,6 +176,8 @@ class Completion:
         choices = [{"index": i, "text": texts[i], "finish_reason": FINISH_REASONS.get(job.row.finish_reason),
                     "logprobs": None if self.body.logprobs is None else logprobs_body(entries[i], self.decode)}
                    for i, job in enumerate(self.jobs)]
+        choices = self.body.best(choices, [[e.logprob for e in entries[i][len(entries[i]) - len(job.row.new_ids):]]
+                                           for i, job in enumerate(self.jobs)])
         return JSONResponse(completion_body(self.id, self.model, choices, self._prompt_tokens(),
                                             self._completion_tokens()))
 
@@ -186,7 +189,7 @@ class Completion:
                 self.metrics.count("requests_cancelled_total")
 
     def _prompt_tokens(self) -> int:
-        return sum(len(job.row.prompt) for job in self.jobs[:: self.body.n])
+        return sum(len(job.row.prompt) for job in self.jobs[:: self.body.rows_per_prompt])
 
     def _completion_tokens(self) -> int:
         return sum(len(job.row.new_ids) for job in self.jobs)

@@ -13,12 +13,13 @@ import uuid
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from gpt2_onnx.engine.config import ConfigError, GenerationConfig, user_options
-from gpt2_onnx.engine.sampling import TokenLogprob
+from gpt2_onnx.engine.sampling import TokenLogprob, rank_by_mean_logprob
 from gpt2_onnx.engine.scheduler import Event
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
 MAX_STOP_STRINGS, MAX_STOP_LENGTH = 16, 256
+MAX_CHOICES = 16  # n and best_of
 
 
 class ApiError(Exception):
@@ -39,24 +40,27 @@ class StreamOptions(BaseModel):
 
 
 class _StandardRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. `user`: accepted, unused
+    model_config = ConfigDict(extra="ignore")  # fields of other servers are accepted and unused
 
     prompt: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=0)
     temperature: float | None = Field(None, ge=0, le=2)  # None = 1.0, as OpenAI; 0 = greedy
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's extension
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     suffix: str | None = None
+    user: str | None = Field(None, max_length=256)  # accepted, unused
 
 
 # the engine's options that OpenAI's API lacks, as optional fields (vLLM names them the same way)
@@ -67,11 +71,11 @@ _OPENAI_NAME = {f.name: f.metadata["openai"] for f in user_options() if f.metada
 
 class CompletionRequest(create_model("_Completion", __base__=_StandardRequest, **_EXTENSIONS)):
     def unsupported(self) -> ApiError | None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                return ApiError(400, f"{name} is not supported; use repetition_penalty", name)
-        if self.best_of not in (None, self.n):
-            return ApiError(400, "best_of is not supported (only best_of == n)", "best_of")
+        if self.best_of is not None and self.best_of < self.n:
+            return ApiError(400, f"best_of ({self.best_of}) must be >= n ({self.n})", "best_of")
+        if self.stream and self.rows_per_prompt > self.n:
+            return ApiError(400, "best_of > n cannot be streamed (the best are known only at the end); "
+                                 "drop stream or best_of", "best_of")
         if self.suffix:
             return ApiError(400, "suffix (insertion) is not supported by GPT-2", "suffix")
         if self.max_tokens == 0 and not self.echo:
@@ -82,15 +86,40 @@ class CompletionRequest(create_model("_Completion", __base__=_StandardRequest, *
                                  "characters", "stop")
         return None
 
-    def generation_config(self) -> GenerationConfig:
-        """The one mapping from this request to the engine's config (OpenAI's defaults applied)."""
+    @property
+    def rows_per_prompt(self) -> int:
+        """Rows generated per prompt: best_of of them when given, of which the n best are returned."""
+        return max(self.best_of or 1, self.n)
+
+    @property
+    def row_logprobs(self) -> int | None:
+        """Log-probabilities the rows record: best_of ranks by them even when the client asked for none."""
+        return 0 if self.logprobs is None and self.rows_per_prompt > self.n else self.logprobs
+
+    def best(self, choices: list[dict], logprobs: list[list[float]]) -> list[dict]:
+        """best_of: per prompt, the n choices of highest mean token log-probability, indexed 0.. again."""
+        if self.rows_per_prompt == self.n:
+            return choices
+        group, kept = self.rows_per_prompt, []
+        for start in range(0, len(choices), group):
+            order = rank_by_mean_logprob(logprobs[start:start + group])[: self.n]
+            kept += [choices[start + k] for k in order]
+        return [{**c, "index": i, "logprobs": None if self.logprobs is None else c["logprobs"]}
+                for i, c in enumerate(kept)]
+
+    def generation_config(self, vocab_size: int | None = None) -> GenerationConfig:
+        """The one mapping from this request to the engine's config (OpenAI's defaults applied), its
+        token ids checked against `vocab_size` when given."""
         values = {name: getattr(self, api) for name, api in _OPENAI_NAME.items()}
         values["max_new_tokens"] = DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
         values["temperature"] = 1.0 if self.temperature is None else self.temperature  # OpenAI samples by default
         if values.get("top_k") == -1:
             values["top_k"] = 0  # vLLM's "off"
         try:
-            return GenerationConfig.from_options(**values)
+            config = GenerationConfig.from_options(**values)
+            if vocab_size is not None:
+                config.check_vocab(vocab_size)
+            return config
         except ConfigError as exc:
             api = _OPENAI_NAME.get(exc.option, exc.option)
             raise ApiError(400, str(exc).replace(exc.option, api, 1), api) from None

@@ -158,7 +158,7 @@ def _torch_model(engine):
     ({"prompt": "hi", "max_tokens": 2000}, "max_tokens"),
     ({"prompt": [11] * 1020}, "max_tokens"),  # no max_tokens: OpenAI's default of 16 must fit too
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),  # OpenAI bounds it to [-2, 2]
     ({"prompt": "hi", "n": 0}, "n"),
 ])
 def test_bad_requests_get_400_naming_the_field(server, payload, param):
