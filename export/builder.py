@@ -90,7 +90,8 @@ class GraphWriter:
         dtype = self.quant.compute_dtype
         if dtype != np.float32:
             self.max_weight_error = max(self.max_weight_error, float(np.abs(weight_kn - weight_kn.astype(dtype)).max()))
-        out = self.op("MatMul", [x, self.weight(f"{name}.weight", weight_kn.astype(dtype, copy=False))], f"{name}/MatMul")[0]
+        weight = self.weight(f"{name}.weight", weight_kn.astype(dtype, copy=False))
+        out = self.op("MatMul", [x, weight], f"{name}/MatMul")[0]
         if bias is None:
             return out
         return self.op("Add", [out, self.weight(f"{name}.bias", bias.astype(dtype, copy=False))], f"{name}/Add")[0]
