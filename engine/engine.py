@@ -19,6 +19,7 @@ import numpy as np
 
 from gpt2_onnx.errors import Gpt2OnnxError
 
+from .attention import AttentionGraph, AttentionMaps, attention_maps
 from .config import GenerationConfig, GenerationResult
 from .decoders import ConcatCacheDecoder, SharedBufferDecoder
 from .detokenize import IncrementalText
@@ -109,6 +110,19 @@ class Engine:
             if not batch.rows:
                 return
             batch.step()
+
+    # -- inspection -------------------------------------------------------------------------------
+
+    def attention(self, prompt: Prompt) -> AttentionMaps:
+        """Every layer's and head's attention probabilities [layers, heads, S, S] over the prompt, from the
+        export's inspection graph (`gpt2-onnx export ... --with-attention`), as PyTorch's output_attentions."""
+        ids = self.encode(prompt)
+        if len(ids) > self.manifest.n_positions:
+            raise ContextTooLong(f"the prompt has {len(ids)} tokens; the model's context is "
+                                 f"{self.manifest.n_positions}")
+        if getattr(self, "_attention_graph", None) is None:
+            self._attention_graph = AttentionGraph(self.model_dir)
+        return attention_maps(self._attention_graph, self.tokenizer, ids)
 
 
 def _is_single(prompts) -> bool:

@@ -33,12 +33,13 @@ class ExportResult:
 
 def export_model(source: str, out_dir: str | Path, *, quant: QuantConfig | None = None, graph: str = "fast",
                  force: bool = False, eval_text: str | Path | None = None, eval_windows: int | None = None,
-                 log: Log = print) -> ExportResult:
+                 with_attention: bool = False, log: Log = print) -> ExportResult:
     """Export `source` (hub id, local folder or random:<preset>) to an ONNX folder at `out_dir`.
 
     `graph="fast"` writes the op-by-op graph the engine is tuned for (any precision); `"reference"` is
     Optimum's plain export (fp32), kept to check the fast graph against. Quantized exports measure their
     quality against PyTorch (`eval_windows` windows of the evaluation text; 0 skips that stage).
+    `with_attention` also writes the inspection graph `attention.onnx` (export/attention.py).
     """
     out_dir = Path(out_dir)
     quant = quant or QuantConfig.fp32()
@@ -58,7 +59,7 @@ def export_model(source: str, out_dir: str | Path, *, quant: QuantConfig | None 
     work.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
     try:
         with _sigterm_as_interrupt():
-            manifest = _run_stages(source, work, quant, graph, (eval_text, eval_windows), log)
+            manifest = _run_stages(source, work, quant, graph, (eval_text, eval_windows), log, with_attention)
             replace_folder(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -72,7 +73,8 @@ def export_model(source: str, out_dir: str | Path, *, quant: QuantConfig | None 
     return ExportResult(out_dir, manifest)
 
 
-def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluation: tuple, log: Log) -> Manifest:
+def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluation: tuple, log: Log,
+                with_attention: bool = False) -> Manifest:
     from gpt2_onnx.engine import Engine
 
     from .load import load_checkpoint
@@ -82,7 +84,7 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
     from .to_onnx import export_fast_graph, export_reference_graph
 
     measure = quant.precision != "fp32" and evaluation[1] != 0
-    stages = _Stages(log, total=5 if measure else 4)
+    stages = _Stages(log, total=4 + measure + with_attention)
     with stages("load", source):
         checkpoint = load_checkpoint(source)
         quant.check_width(checkpoint.model.config.n_embd)
@@ -93,6 +95,11 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
     else:
         with stages("to-onnx", "Optimum text-generation-with-past"):
             model_path = export_reference_graph(checkpoint.model, work)
+    if with_attention:  # recorded in the manifest's files like every file of the folder
+        from .attention import write_attention_graph
+
+        with stages("attention", "inspection graph attention.onnx, fp32, standard ops"):
+            write_attention_graph(checkpoint.model, work)
     checkpoint.model.config.save_pretrained(work)
     checkpoint.tokenizer.save_pretrained(work)
     manifest = Manifest.for_graph(graph, quant.precision, checkpoint.model.config.to_dict(), source=source,

@@ -1,4 +1,4 @@
-"""`gpt2-onnx VERB ...`: export, quality, verify, generate, serve, bench.
+"""`gpt2-onnx VERB ...`: export, quality, verify, generate, serve, bench, attention.
 
 Each verb is an `add_<verb>(subparsers)` + `run_<verb>(args)` pair. Building the parser imports only the
 run-time engine's declarations, so every verb's --help (and generate, serve, verify) works on a
@@ -62,6 +62,8 @@ def add_export(sub) -> None:
     q.add_argument("--eval-text", default=None,
                    help="text file for the quality measurement (default: the prose shipped with gpt2-onnx)")
     q.add_argument("--skip-quality", action="store_true", help="do not measure quality against PyTorch")
+    p.add_argument("--with-attention", action="store_true",
+                   help="also write attention.onnx, the inspection graph `gpt2-onnx attention` draws from")
 
 
 def quant_config(args):
@@ -82,7 +84,8 @@ def run_export(args) -> None:
     from gpt2_onnx.export import export_model
 
     export_model(args.source, args.out_dir, quant=quant_config(args), graph=args.graph, force=args.force,
-                 eval_text=args.eval_text, eval_windows=0 if args.skip_quality else None)
+                 eval_text=args.eval_text, eval_windows=0 if args.skip_quality else None,
+                 with_attention=args.with_attention)
 
 
 def add_quality(sub) -> None:
@@ -298,9 +301,28 @@ def run_bench(args) -> int:
     return 1 if failed else 0
 
 
+def add_attention(sub) -> None:
+    p = _parser(sub, "attention", "draw what each token attends to, per layer and head (an export --with-attention)")
+    p.add_argument("model_dir", help="a folder written by `gpt2-onnx export ... --with-attention`")
+    p.add_argument("prompt")
+    p.add_argument("--layer", type=int, default=None, help="one layer (default: every layer, a grid)")
+    p.add_argument("--head", type=int, default=None, help="one head (default: every head, a grid)")
+    p.add_argument("--out", default="attention.png", help="image to write (.png, .svg, .pdf)")
+
+
+def run_attention(args) -> None:
+    from gpt2_onnx.engine import Engine
+    from gpt2_onnx.plot_attention import plot_attention
+
+    maps = Engine(args.model_dir, threads=None).attention(args.prompt)
+    path = plot_attention(maps, args.out, layer=args.layer, head=args.head)
+    print(f"wrote {path} ({len(maps.token_ids)} tokens, {maps.shape[0]} layers x {maps.shape[1]} heads)")
+
+
 VERBS = {"export": (add_export, run_export), "quality": (add_quality, run_quality),
          "verify": (add_verify, run_verify), "generate": (add_generate, run_generate),
-         "serve": (add_serve, run_serve), "bench": (add_bench, run_bench)}
+         "serve": (add_serve, run_serve), "bench": (add_bench, run_bench),
+         "attention": (add_attention, run_attention)}
 NEEDS_EXPORT = {"export", "quality"}
 
 
