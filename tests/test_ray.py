@@ -266,7 +266,8 @@ def test_a_killed_replica_fails_its_requests_clearly_and_ray_replaces_it(server,
         outcomes = [f.result(timeout=90) for f in futures]
     failures = [o for o in outcomes if o != "ok"]
     print(f"{len(outcomes) - len(failures)} completed, {len(failures)} failed: {sorted(set(failures))}")
-    assert not [o for o in failures if o.startswith(("hung", "wrong text"))]
+    # Ray's proxy answers a request lost with its replica 500 (before any byte) or cuts the stream before [DONE]
+    assert all(o.startswith(("HTTP 500", "RemoteProtocolError", "ReadError")) for o in failures), failures
     assert len(failures) <= 16 + 8  # at most what the lost replica held (its batch and its queue)
 
     replaced = wait_for(lambda: len(a := alive_replica_actors()) == 2 and victim not in {x.pid for x in a} and a,
