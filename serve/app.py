@@ -27,6 +27,7 @@ from gpt2_onnx.engine.scheduler import Scheduler, SchedulerConfig
 from .completion import Limits, submit
 from .guard import Guard, GuardConfig
 from .openai_api import ApiError, CompletionRequest
+from .routes_extra import add_extra_routes
 
 DEFAULTS = SchedulerConfig()
 
@@ -116,6 +117,7 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(),
             return StreamingResponse(completion.stream(request), media_type="text/event-stream")
         return await completion.whole(request)
 
+    add_extra_routes(app, engine, model_name)  # tokenizer endpoints, manifest, attention, the playground at /
     return Guard(app, GuardConfig(config.api_key, config.max_body_bytes), scheduler.metrics)
 
 
