@@ -155,6 +155,8 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - this prompt failed; the batch goes on
             job.row.finish("error", f"prefill failed: {type(exc).__name__}: {first_line(exc)}")
             self._deliver(job.row)
+            if job.row not in self.batch.rows:  # it never got a slot: nothing will drop it
+                self.jobs.pop(id(job.row), None)
 
     def _deliver(self, row: Row) -> None:
         job = self.jobs[id(row)]
