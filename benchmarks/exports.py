@@ -61,7 +61,7 @@ class ExportCache:
         def build(out: Path) -> None:
             from gpt2_onnx.export import QuantConfig, export_model
 
-            quant = {"fp32": QuantConfig.fp32, "int8": QuantConfig.int8, "int4": QuantConfig.int4}[precision]()
+            quant = getattr(QuantConfig, precision)()  # each precision's default recipe (fp16 included)
             # quality is measured by the suite's own parity stage, on its own text
             export_model(str(self.checkpoint()), out, quant=quant, eval_windows=0, log=lambda _: None)
         return self.folder(f"engine-{precision}", build)

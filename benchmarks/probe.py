@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 
 def status_mb(field: str) -> float:
     """VmRSS (resident now) or VmHWM (resident at most) of this process, from /proc."""
@@ -70,10 +72,11 @@ def main(spec: dict) -> dict:
         largest = system.notes["peak_rss_mb"] if child else long.largest
         report[f"rss_during_{spec['long_tokens']}_tokens_mb"] = largest
         report["rss_growth_long_vs_10_mb"] = largest - report["rss_during_10_tokens_mb"]
-        if spec["name"].startswith("engine-"):  # [layers x K and V x (prompt + new) x width] floats
-            config = json.loads((system.folder / "config.json").read_text())
+        if spec["name"].startswith("engine-"):  # [layers x K and V x (prompt + new) x width] of the cache's type
+            manifest = system.engine.manifest
             tokens = spec["prompt"] + spec["long_tokens"]
-            report["kv_buffer_mb"] = 2 * config["n_layer"] * tokens * config["n_embd"] * 4 / 2**20
+            item = np.dtype(manifest.io.kv_dtype).itemsize
+            report["kv_buffer_mb"] = 2 * manifest.n_layer * tokens * manifest.n_embd * item / 2**20
     report["peak_rss_mb"] = system.notes["peak_rss_mb"] if child else status_mb("VmHWM")
     return report
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2_onnx.errors import Gpt2OnnxError
+from gpt2_onnx.errors import Gpt2OnnxError, first_line
 
 ASSETS = Path(__file__).parent / "assets"
 RANDOM_SEED = 0
@@ -96,7 +96,7 @@ def _load_hub(source: str) -> LoadedCheckpoint:
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as exc:
-        raise Gpt2OnnxError(f"could not load {source!r} from the Hugging Face hub ({_first_line(exc)}); "
+        raise Gpt2OnnxError(f"could not load {source!r} from the Hugging Face hub ({first_line(exc)}); "
                             f"expected {ACCEPTED_FORMS}") from None
     _check_architecture(config.to_dict(), source)
     return _from_pretrained(source, source, "hub")
@@ -117,7 +117,3 @@ def _check_architecture(config: dict, source: str) -> None:
     if config.get("model_type") != "gpt2":
         raise Gpt2OnnxError(f"{source!r} is a {config.get('model_type')!r} model; only GPT-2-family "
                             "checkpoints (model_type 'gpt2') are supported")
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
