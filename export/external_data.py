@@ -62,7 +62,49 @@ class ExternalDataWriter:
         self.close()
 
 
-def embed_external_data(model: onnx.ModelProto, folder: Path) -> None:
-    """Read the data file back into `model` (for models under protobuf's 2 GiB) and delete the file."""
-    onnx.load_external_data_for_model(model, str(folder))
-    (Path(folder) / EXTERNAL_DATA_FILE).unlink()
+def save_embedded(model: onnx.ModelProto, folder: Path, path: Path) -> None:
+    """Write `model` as one file with every external tensor's bytes inside it, then delete the data file.
+
+    For models under protobuf's 2 GiB. Loading the data back into the graph and serializing it would hold
+    the weights twice (the graph, then its serialized bytes); instead the file is written in protobuf's
+    wire format piece by piece: the graph without those tensors, then each tensor as one more
+    `initializer` entry whose `raw_data` is copied from the data file (fields may come in any order,
+    and repeated fields append).
+    """
+    graph = model.graph
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    headers = []
+    for tensor in external:
+        info = {e.key: int(e.value) for e in tensor.external_data if e.key in ("offset", "length")}
+        header = onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
+        headers.append((header.SerializeToString(), info.get("offset", 0), info["length"]))
+        graph.initializer.remove(tensor)
+    entries = [_field(9, length) for _, _, length in headers]  # raw_data's tag and length
+    tensor_sizes = [len(h) + len(e) + length for (h, _, length), e in zip(headers, entries)]
+    graph_bytes = graph.SerializeToString()
+    graph_size = len(graph_bytes) + sum(len(_field(5, n)) + n for n in tensor_sizes)
+    head = onnx.ModelProto()
+    head.CopyFrom(model)
+    head.ClearField("graph")
+    data_path = Path(folder) / EXTERNAL_DATA_FILE
+    with data_path.open("rb") as data, Path(path).open("wb") as out:
+        out.write(head.SerializeToString() + _field(7, graph_size) + graph_bytes)
+        for (header, offset, length), entry, size in zip(headers, entries, tensor_sizes):
+            out.write(_field(5, size) + header + entry)
+            data.seek(offset)
+            out.write(data.read(length))
+    data_path.unlink()
+
+
+def _field(number: int, length: int) -> bytes:
+    """The tag and length that open a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

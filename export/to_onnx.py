@@ -106,19 +106,20 @@ def export_fast_graph(model, work_dir: Path, quant) -> tuple[Path, float]:
 
     Initializers stream into `model.onnx.data` layer by layer (external_data.py): besides the torch
     model, memory holds one layer's temporaries. A model that ends up under protobuf's limit is then
-    read back into a single `model.onnx`.
+    copied into a single `model.onnx`, one tensor at a time.
     """
     from .builder import GraphShape, build_graph
-    from .external_data import ExternalDataWriter, embed_external_data
+    from .external_data import ExternalDataWriter, save_embedded
 
     weights = {name.removeprefix("transformer."): tensor.detach().float().numpy()  # fp32: views, not copies
                for name, tensor in model.state_dict().items() if not name.endswith(".attn.bias")}
     with ExternalDataWriter(work_dir) as data:
         graph, max_error = build_graph(weights, GraphShape.from_config(model.config), quant, store=data.tensor,
                                        progress=True)
-    if data.size <= PROTOBUF_LIMIT:
-        embed_external_data(graph, work_dir)
     path = work_dir / MODEL_FILE
-    onnx.save_model(graph, str(path))
+    if data.size <= PROTOBUF_LIMIT:
+        save_embedded(graph, work_dir, path)
+    else:
+        onnx.save_model(graph, str(path))
     return path, max_error
 

@@ -20,7 +20,7 @@ import pytest
 from onnx import numpy_helper
 
 from gpt2_onnx.export import QuantConfig, export_model
-from gpt2_onnx.export.external_data import ALIGN, ALIGN_FROM, EXTERNAL_DATA_FILE, ExternalDataWriter
+from gpt2_onnx.export.external_data import ALIGN, ALIGN_FROM, EXTERNAL_DATA_FILE, ExternalDataWriter, save_embedded
 
 from .conftest import make_checkpoint
 
@@ -64,14 +64,17 @@ def test_models_under_the_limit_are_one_file(tiny_export):
     assert external_tensors(tiny_export) == []
 
 
-def test_streamed_initializers_read_back_equal(tmp_path):
+def test_streamed_initializers_read_back_equal_from_one_file(tmp_path):
     arrays = {"small": np.arange(3, dtype=np.int64), "odd": np.ones(1001, np.float32),
               "large": np.random.default_rng(0).standard_normal((512, 640)).astype(np.float32),
               "packed": np.arange(3 * 1024 * 1024, dtype=np.uint8).reshape(1024, -1)}
     with ExternalDataWriter(tmp_path) as writer:
         tensors = [writer.tensor(array, name) for name, array in arrays.items()]
-    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], tensors))
-    onnx.load_external_data_for_model(model, str(tmp_path))
+    save_embedded(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], tensors)), tmp_path,
+                  tmp_path / "model.onnx")
+    assert not (tmp_path / EXTERNAL_DATA_FILE).exists()
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    assert sorted(t.name for t in model.graph.initializer) == sorted(arrays)
     for tensor in model.graph.initializer:
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), arrays[tensor.name])
 
