@@ -84,10 +84,9 @@ def _shut_down(local: bool) -> None:
 
     started = time.monotonic()
     if ray.is_initialized():
+        serve.delete(APP_NAME)  # waits for the replicas to drain while the proxies still carry their streams
         if local:
-            serve.shutdown()
-        else:
-            serve.delete(APP_NAME)
+            serve.shutdown()  # kills the proxies at once: only after the application is gone
         ray.shutdown()
     print(f"gpt2-onnx: stopped in {time.monotonic() - started:.1f} s", flush=True)
 

@@ -93,9 +93,10 @@ def wait_for(condition, timeout_s: float, what: str):
     raise AssertionError(f"{what}: not within {timeout_s} s")
 
 
-# -- a local Ray of the CLI's own: SIGINT ends it ---------------------------------------------------------------
+# -- a local Ray of the CLI's own: SIGINT or SIGTERM ends it ---------------------------------------------
 
-def test_sigint_drains_and_stops_the_local_ray_within_60_s(long_context_export, tmp_path):
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_signal_drains_and_stops_the_local_ray_within_60_s(long_context_export, tmp_path, signal_number):
     log = tmp_path / "local.log"
     with ray_cli(long_context_export, log, "--replicas", "1") as (url, process):
         lines: list[str] = []
@@ -108,11 +109,11 @@ def test_sigint_drains_and_stops_the_local_ray_within_60_s(long_context_export, 
         reader.start()
         wait_for(lambda: lines, 30, "the first streamed token")
         started = time.monotonic()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal_number)
         assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
         stopped_s = time.monotonic() - started
         reader.join(timeout=30)
-    print(f"local Ray stopped {stopped_s:.1f} s after SIGINT")
+    print(f"local Ray stopped {stopped_s:.1f} s after {signal.Signals(signal_number).name}")
     assert "data: [DONE]" in lines  # the request in flight finished first
     assert "stopped in" in log.read_text()
     assert stopped_s < 60

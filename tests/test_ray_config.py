@@ -83,3 +83,14 @@ def test_a_replica_not_heard_from_leaves_the_sums():
     board.put(type(old)(**{**old.__dict__, "taken": time.time() - STALE_S - 1}))
     assert "gpt2_onnx_completion_requests_total 3" in board.render().splitlines()
     assert list(board.latest) == ["r1"]
+
+
+def test_a_replica_whose_scheduler_died_fails_its_health_check():
+    from types import SimpleNamespace
+
+    from gpt2_onnx.serve.ray_app import Gpt2OnnxReplica
+
+    dead = SimpleNamespace(scheduler=SimpleNamespace(alive=False, death="the scheduler stopped: boom"))
+    with pytest.raises(RuntimeError, match="boom"):  # Ray then replaces the replica
+        Gpt2OnnxReplica.check_health(dead)
+    Gpt2OnnxReplica.check_health(SimpleNamespace(scheduler=SimpleNamespace(alive=True, death=None)))
