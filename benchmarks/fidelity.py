@@ -27,7 +27,7 @@ def greedy_agreement(tokens: dict[str, np.ndarray], reference: str = "pytorch") 
 def engine_parity(systems: list[System], checkpoint: Path, eval_text: Path | None, windows: int,
                   log: Callable[[str], None] = print, random_text: bool = False) -> dict:
     """max |Δlogit| (prefill + 8 decode steps) for every engine export, and quality for the quantized ones,
-    on `eval_text`, else on text sampled from the fp32 model, or (`random_text`, quick runs) on random ids."""
+    on `eval_text`, else on the prose shipped with the package, or (`random_text`, quick runs) on random ids."""
     from gpt2_onnx.export.load import load_checkpoint
     from gpt2_onnx.export.parity import measure_parity
     from gpt2_onnx.export.quality import WINDOW, evaluation_windows, measure_quality
