@@ -1,0 +1,106 @@
+"""Where one decode step's time goes, and quick A/B timings of an export folder.
+
+    python -m benchmarks.profile_step MODEL_DIR [--batch 1] [--steps 64] [--profile] [--threads 2]
+        [--config KEY=VALUE ...]
+
+Times a 32-token prefill and `--steps` decode steps at `--batch` rows (median of the steps), through the
+engine's own SharedBufferDecoder and session options; `--config` adds onnxruntime session config entries
+(e.g. session.intra_op.allow_spinning=0) for A/B runs. With `--profile` onnxruntime's profiler records the
+decode steps and the per-op-type totals per step are printed (the profiler's own overhead inflates the
+small ops a little: read the shares, not the sum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from gpt2_onnx.engine.decoders import SharedBufferDecoder
+from gpt2_onnx.engine.manifest import MODEL_FILE, Manifest
+from gpt2_onnx.engine.session import session_options
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--config", action="append", default=[], help="session config entry KEY=VALUE")
+    args = parser.parse_args()
+
+    manifest = Manifest.read(args.model_dir)
+    options = session_options(args.threads)
+    for entry in args.config:
+        key, value = entry.split("=", 1)
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(args.model_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    decoder = SharedBufferDecoder(session, manifest)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, manifest.vocab_size, args.prompt)) for _ in range(args.batch)]
+    max_length = args.prompt + 2 * args.steps + 8
+
+    prefill = []
+    for _ in range(3):
+        decoder.allocate(args.batch, max_length)
+        start = time.perf_counter()
+        decoder.add(prompts[0])
+        prefill.append(time.perf_counter() - start)
+        for prompt in prompts[1:]:
+            decoder.add(prompt)
+    tokens = np.zeros(args.batch, np.int64)
+    for _ in range(8):  # warm-up
+        decoder.decode(tokens)
+    if args.profile:
+        session.end_profiling()  # discard the warm-up; the real profile is started below
+        options.enable_profiling = True
+        options.profile_file_prefix = "/tmp/profile_step"
+        session = ort.InferenceSession(str(args.model_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        decoder = SharedBufferDecoder(session, manifest)
+        decoder.allocate(args.batch, max_length)
+        for prompt in prompts:
+            decoder.add(prompt)
+        for _ in range(8):
+            decoder.decode(tokens)
+    steps = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        decoder.decode(tokens)
+        steps.append(time.perf_counter() - start)
+    step_ms = float(np.median(steps) * 1e3)
+    print(json.dumps({"model": str(args.model_dir), "batch": args.batch, "config": args.config,
+                      "prefill_ms": round(min(prefill) * 1e3, 2), "step_ms": round(step_ms, 3),
+                      "tok_s": round(args.batch / step_ms * 1e3, 1)}))
+    if args.profile:
+        report(Path(session.end_profiling()), args.steps + 8 + len(prompts))
+
+
+def report(path: Path, runs: int) -> None:
+    events = json.loads(path.read_text())
+    per_type: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    model_runs = [e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_type[event["args"]["op_name"]] += event["dur"]
+            counts[event["args"]["op_name"]] += 1
+    # the profile holds the prefills too: keep decode steps only (the shortest runs)
+    decode_runs = sorted(model_runs)[:runs - 1]
+    print(f"profile {path}: model_run median {np.median(decode_runs) / 1e3:.3f} ms over {len(decode_runs)} runs")
+    total = sum(per_type.values())
+    for op, dur in sorted(per_type.items(), key=lambda kv: -kv[1]):
+        print(f"  {op:28s} {dur / len(model_runs) / 1e3:7.3f} ms/run  {counts[op] // len(model_runs):3d} nodes  "
+              f"{100 * dur / total:5.1f}%")
+    path.unlink()
+
+
+if __name__ == "__main__":
+    main()
