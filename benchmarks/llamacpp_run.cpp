@@ -62,7 +62,9 @@ ggml_threadpool * thread_pool(int threads) {
 // A context sized for this request's shape (reused while the shape stays): B sequences, own KV cells each.
 llama_context * context_for(llama_model * model, int threads, Shape want, Shape & have, llama_context * ctx,
                             ggml_threadpool * pool) {
-    if (ctx && want.batch == have.batch && want.cells <= have.cells) return ctx;
+    // reuse only while the prompt batch also fits n_batch, which is not rounded up with the cells
+    if (ctx && want.batch == have.batch && want.cells <= have.cells &&
+        want.batch * want.cells <= int(llama_n_batch(ctx))) return ctx;
     if (ctx) llama_free(ctx);
     llama_context_params params = llama_context_default_params();
     params.n_seq_max = want.batch;
