@@ -58,13 +58,15 @@ class ExportCache:
         return self.folder("checkpoint", build)
 
     def engine(self, precision: str) -> Path:
-        def build(out: Path) -> None:
-            from gpt2_onnx.export import QuantConfig, export_model
+        from gpt2_onnx.export import QuantConfig, export_model
 
-            quant = getattr(QuantConfig, precision)()  # each precision's default recipe (fp16 included)
+        quant = getattr(QuantConfig, precision)()  # each precision's default recipe (fp16 included)
+
+        def build(out: Path) -> None:
             # quality is measured by the suite's own parity stage, on its own text
             export_model(str(self.checkpoint()), out, quant=quant, eval_windows=0, log=lambda _: None)
-        return self.folder(f"engine-{precision}", build)
+        recipe = hashlib.sha256(repr(quant).encode()).hexdigest()[:8]  # a new default recipe, a new export
+        return self.folder(f"engine-{precision}-{recipe}", build)
 
     def optimum(self, precision: str) -> Path:
         def build(out: Path) -> None:

@@ -87,7 +87,7 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
     stages = _Stages(log, total=4 + measure + with_attention)
     with stages("load", source):
         checkpoint = load_checkpoint(source)
-        quant.check_width(checkpoint.model.config.n_embd)
+        quant = quant.for_width(checkpoint.model.config.n_embd)
     max_weight_error = 0.0
     if graph == "fast":
         with stages("to-onnx", f"op-by-op fast graph, {describe(quant)}"):
