@@ -42,15 +42,16 @@ def export_reference_graph(model, work_dir: Path) -> Path:
     return path
 
 
-def untie_lm_head_copy(model: onnx.ModelProto) -> bool:
+def untie_lm_head_copy(model: onnx.ModelProto) -> None:
     """Replace the LM head's stored copy of wte^T by a Transpose of wte (saves vocab x n_embd x 4 bytes).
 
     torch.onnx traces `lm_head.weight` (tied to wte) as a separate, pre-transposed initializer.
-    onnxruntime folds the Transpose once at load time, so the run-time graph is unchanged.
+    onnxruntime folds the Transpose once at load time, so the run-time graph is unchanged. A checkpoint
+    whose head is not tied to its embedding keeps its own head, as it must.
     """
     inits = {init.name: init for init in model.graph.initializer}
     if EMBEDDING not in inits:
-        return False
+        return
     wte = numpy_helper.to_array(inits[EMBEDDING])
     for node in model.graph.node:
         if node.op_type != "MatMul" or node.input[1] not in inits:
@@ -66,8 +67,7 @@ def untie_lm_head_copy(model: onnx.ModelProto) -> bool:
             for i, name in enumerate(consumer.input):
                 if name == weight.name:
                     consumer.input[i] = transposed
-        return True
-    return False
+        return
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
