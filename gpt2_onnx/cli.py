@@ -11,6 +11,8 @@ import argparse
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from gpt2_onnx.engine.config import GenerationConfig, user_options
 from gpt2_onnx.engine.manifest import GRAPHS, PRECISIONS
@@ -32,6 +34,16 @@ class Help(argparse.HelpFormatter):
 
 def _parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help, formatter_class=Help)
+
+
+@contextmanager
+def needs_extra(extras: str, what: str) -> Iterator[None]:
+    """An import that fails inside becomes one line naming the extra to install."""
+    try:
+        yield
+    except ImportError as exc:
+        raise Gpt2OnnxError(f"{what} needs the `{extras}` extra ({exc.name} is missing): "
+                            f"pip install 'gpt2-onnx[{extras}]'") from None
 
 
 def positive(kind: type):
@@ -204,11 +216,8 @@ def add_serve(sub) -> None:
 def run_serve(args) -> None:
     from pathlib import Path
 
-    try:
+    with needs_extra("serve", "serving"):
         from gpt2_onnx.serve.app import ServerConfig, serve
-    except ImportError as exc:
-        raise Gpt2OnnxError(f"serving needs the `serve` extra ({exc.name} is missing): "
-                            "pip install 'gpt2-onnx[serve]'") from None
     if args.verify:
         from gpt2_onnx.engine.manifest import Manifest
 
@@ -273,12 +282,9 @@ def run_bench(args) -> int:
 
     from gpt2_onnx.benchmarks import ALL_SYSTEMS
 
-    try:
+    with needs_extra("export,bench", "benchmarking"):
         from gpt2_onnx.benchmarks.report import evaluate
         from gpt2_onnx.benchmarks.suite import BenchConfig, Suite, failed_checks
-    except ImportError as exc:
-        raise Gpt2OnnxError(f"benchmarks need the `export` and `bench` extras ({exc.name} is missing): "
-                            "pip install 'gpt2-onnx[export,bench]'") from None
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip()) if args.systems else None
     unknown = [s for s in systems or () if s not in ALL_SYSTEMS]
     if unknown:

@@ -27,22 +27,12 @@ from ray import serve  # noqa: E402
 import yaml  # noqa: E402  (a dependency of ray)
 
 from tests import test_server as single  # noqa: E402
-from tests.test_server import MODEL, PROMPTS, client, engine, free_port, running_server  # noqa: E402,F401
+from tests.test_server import (MODEL, PROMPTS, client, engine, free_port, running_server, stop,  # noqa: E402,F401
+                               wait_healthy)
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPLICA_CLASS = "ServeReplica:gpt2-onnx:gpt2-onnx"
-
-
-def wait_healthy(url: str, process: subprocess.Popen, log, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, open(log).read()[-3000:]
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"not healthy after {timeout_s} s: {open(log).read()[-3000:]}")
 
 
 @contextlib.contextmanager
@@ -54,15 +44,10 @@ def ray_cli(model_dir, log, *args: str):
                                     "--port", str(port), *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, process, log)
+        wait_healthy(url, process, output=lambda: open(log).read()[-3000:], timeout_s=180)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(process, timeout_s=90)
 
 
 def replica_metrics(url: str, name: str = "completion_requests_total") -> dict[str, float]:

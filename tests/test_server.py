@@ -39,21 +39,32 @@ def running_server(model_dir, *args: str):
                                 "--threads", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
+        wait_healthy(url, process, output=process.stdout.read)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(process)
+
+
+def wait_healthy(url: str, process: subprocess.Popen, output, timeout_s: float = 60) -> None:
+    """Until /health answers 200; the server's `output()` in the failure if it exits or never does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, output()
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"not healthy after {timeout_s} s: {output()}")
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 20) -> None:
+    """SIGINT (a graceful shutdown), then SIGKILL if it does not end in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 @pytest.fixture(scope="module")
