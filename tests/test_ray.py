@@ -28,7 +28,7 @@ import yaml  # noqa: E402  (a dependency of ray)
 
 from tests import test_server as single  # noqa: E402
 from tests.test_server import (MODEL, PROMPTS, client, engine, free_port, running_server, stop,  # noqa: E402,F401
-                               wait_healthy)
+                               stream_in_background, wait_healthy)
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,14 +84,7 @@ def wait_for(condition, timeout_s: float, what: str):
 def test_a_signal_drains_and_stops_the_local_ray_within_60_s(long_context_export, tmp_path, signal_number):
     log = tmp_path / "local.log"
     with ray_cli(long_context_export, log, "--replicas", "1") as (url, process):
-        lines: list[str] = []
-        payload = {"prompt": "Once", "max_tokens": 300, "temperature": 0, "stream": True}
-
-        def read() -> None:
-            with httpx.stream("POST", f"{url}/v1/completions", json=payload, timeout=60) as response:
-                lines.extend(response.iter_lines())
-        reader = threading.Thread(target=read)
-        reader.start()
+        reader, lines = stream_in_background(url, 300)
         wait_for(lambda: lines, 30, "the first streamed token")
         started = time.monotonic()
         process.send_signal(signal_number)

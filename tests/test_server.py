@@ -261,16 +261,22 @@ def test_a_full_queue_answers_429(long_context_export):
     assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
 
 
+def stream_in_background(url: str, max_tokens: int) -> tuple[threading.Thread, list[str]]:
+    """A greedy streamed completion read by a thread; its lines arrive in the returned list."""
+    lines: list[str] = []
+    payload = {"prompt": "Once", "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+    def read() -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json=payload, timeout=60) as response:
+            lines.extend(response.iter_lines())
+    reader = threading.Thread(target=read)
+    reader.start()
+    return reader, lines
+
+
 def test_shutdown_lets_in_flight_streams_finish(long_context_export):
     with running_server(long_context_export) as (url, process):
-        lines: list[str] = []
-        payload = {"prompt": "Once", "max_tokens": 600, "temperature": 0, "stream": True}
-
-        def read() -> None:
-            with httpx.stream("POST", f"{url}/v1/completions", json=payload, timeout=60) as response:
-                lines.extend(response.iter_lines())
-        reader = threading.Thread(target=read)
-        reader.start()
+        reader, lines = stream_in_background(url, 600)
         while not lines and reader.is_alive():
             time.sleep(0.01)
         process.send_signal(signal.SIGINT)
