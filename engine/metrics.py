@@ -59,10 +59,6 @@ class Metrics:
         with self.lock:
             self.histograms[name].observe(seconds)
 
-    def value(self, name: str, **labels: str) -> float:
-        with self.lock:
-            return self.counters.get((name, tuple(sorted(labels.items()))), 0)
-
     def render(self, prefix: str = "gpt2_onnx") -> str:
         with self.lock:
             lines, typed = [], set()

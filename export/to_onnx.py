@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gpt2_onnx.engine.session import MODEL_FILE
+from gpt2_onnx.engine.manifest import MODEL_FILE
 
 from .external_data import EXTERNAL_DATA_FILE
 
