@@ -80,11 +80,18 @@ class SharedBufferDecoder:
     contiguous, so it is bound by pointer; no padding is computed), even while other rows are
     mid-generation. Decode steps run the first `rows` slots together with one `seqlens_k` per row;
     `remove` keeps the live rows packed at the front by moving the last row into the hole.
+
+    With a `batched` session (the export's batched graph: same IO, same cache layout, another kernel),
+    every pass of at least `min_tokens` tokens (a prompt's length, or the rows of a decode step) runs
+    there instead: e.g. int4 MatMulNBits for one token at a time, int8 for prefills and wide batches.
     """
 
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest, provider: str = "cpu") -> None:
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, provider: str = "cpu",
+                 batched: ort.InferenceSession | None = None, min_tokens: int | None = None) -> None:
         manifest.io.require(*FAST_INPUTS)
         self.session, self.manifest, self.provider = session, manifest, provider
+        self.batched = batched
+        self.min_tokens = min_tokens if batched is not None and min_tokens is not None else None
         self.names = manifest.io.cache_names(manifest.n_layer)  # (past, present) per layer and kind
         self.dtype = np.dtype(manifest.io.kv_dtype)  # fp16 graphs keep an fp16 cache
         self.capacity = self.max_length = self.rows = 0
@@ -108,6 +115,12 @@ class SharedBufferDecoder:
         self.step_logits = np.zeros((capacity, 1, self.manifest.vocab_size), np.float32)
         self.step_bindings: dict[int, ort.IOBinding] = {}  # one per batch size, made when first needed
 
+    def session_for(self, tokens: int) -> ort.InferenceSession:
+        """The graph for a pass over `tokens` tokens in all."""
+        if self.min_tokens is not None and tokens >= self.min_tokens:
+            return self.batched
+        return self.session
+
     def prefill(self, prompts: list[list[int]], max_length: int | None = None) -> np.ndarray:
         self.allocate(len(prompts), max_length or self.manifest.n_positions)
         return np.stack([self.add(prompt)[-1] for prompt in prompts])
@@ -122,7 +135,8 @@ class SharedBufferDecoder:
         logits = np.zeros((1, len(wanted), self.manifest.vocab_size), np.float32)
         inputs = [np.asarray(prompt, np.int64).reshape(1, length), np.arange(length, dtype=np.int64).reshape(1, length),
                   np.array([length - 1], np.int32), np.array(length, np.int32), wanted]
-        self.session.run_with_iobinding(self._binding(1, self.rows, inputs, logits))
+        session = self.session_for(length)
+        session.run_with_iobinding(self._binding(session, 1, self.rows, inputs, logits))
         self.lengths[self.rows] = length
         self.rows += 1
         return logits[0]
@@ -139,8 +153,8 @@ class SharedBufferDecoder:
         if n not in self.step_bindings:
             inputs = [self.step_ids[:n], self.step_positions[:n], self.step_seqlens[:n], self.step_total,
                       np.array([-1], np.int64)]
-            self.step_bindings[n] = self._binding(n, 0, inputs, self.step_logits[:n])
-        self.session.run_with_iobinding(self.step_bindings[n])
+            self.step_bindings[n] = self._binding(self.session_for(n), n, 0, inputs, self.step_logits[:n])
+        self.session_for(n).run_with_iobinding(self.step_bindings[n])
         return self.step_logits[:n, 0]
 
     def remove(self, row: int) -> None:
@@ -163,8 +177,9 @@ class SharedBufferDecoder:
             array[target, :, :filled] = array[source, :, :filled]
             buffer.update_inplace(array)
 
-    def _binding(self, batch: int, first_row: int, inputs: list[np.ndarray], logits: np.ndarray) -> ort.IOBinding:
-        binding = self.session.io_binding()
+    def _binding(self, session: ort.InferenceSession, batch: int, first_row: int, inputs: list[np.ndarray],
+                 logits: np.ndarray) -> ort.IOBinding:
+        binding = session.io_binding()
         for name, value in zip(FAST_INPUTS, inputs):
             binding.bind_cpu_input(name, value)
         binding.bind_output(self.manifest.io.logits, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)

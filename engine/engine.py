@@ -36,7 +36,9 @@ class ContextTooLong(Gpt2OnnxError):
 
 class Engine:
     def __init__(self, model_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-                 manifest: Manifest | None = None) -> None:
+                 manifest: Manifest | None = None, batched_min_tokens: int | None = None) -> None:
+        """`batched_min_tokens`: passes of at least this many tokens run on the export's batched graph
+        (default: the threshold the export measured; a huge number turns the batched graph off)."""
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             what = "is a file, not a folder" if self.model_dir.exists() else "does not exist"
@@ -47,6 +49,9 @@ class Engine:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.provider = provider
         self.session = create_session(self.model_dir, provider, threads)
+        batched = self.manifest.batched
+        self.batched_session = create_session(self.model_dir / batched["folder"], provider, threads) if batched else None
+        self.batched_min_tokens = batched_min_tokens if batched_min_tokens is not None else batched.get("min_tokens")
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -94,8 +99,10 @@ class Engine:
 
     def new_decoder(self) -> ConcatCacheDecoder | SharedBufferDecoder:
         """A fresh KV cache over this engine's session, of the kind the manifest names."""
-        kind = SharedBufferDecoder if self.manifest.graph == "fast" else ConcatCacheDecoder
-        return kind(self.session, self.manifest, self.provider)
+        if self.manifest.graph != "fast":
+            return ConcatCacheDecoder(self.session, self.manifest, self.provider)
+        return SharedBufferDecoder(self.session, self.manifest, self.provider, self.batched_session,
+                                   self.batched_min_tokens)
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from gpt2_onnx.errors import Gpt2OnnxError
 MANIFEST = "gpt2_onnx.json"
 HASH_CHUNK = 16 * 1024 * 1024
 MODEL_FILE = "model.onnx"
+BATCHED_FOLDER = "batched"  # the optional batched graph: <export>/batched/model.onnx (see `Manifest.batched`)
 FORMAT = "gpt2-onnx/2"
 
 # Each choice is declared here once; the export, the CLI, the engine and the docs read these.
@@ -76,6 +77,10 @@ class Manifest:
     quantization: dict = field(default_factory=dict)  # the recipe and the quantizer's max weight error
     parity: dict = field(default_factory=dict)  # logits against PyTorch at export
     quality: dict | None = None  # top-1 / KL / perplexity against PyTorch fp32 (quantized exports)
+    # A second graph over the same KV cache for passes of many tokens (prefills, wide decode steps), where
+    # another kernel is faster than the main graph's: {"folder", "precision", "min_tokens", parity, quality,
+    # the timings that chose min_tokens}; empty when the export has none
+    batched: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # path -> sha256
     sizes: dict[str, int] = field(default_factory=dict)  # path -> bytes (checked at every load: cheap)
     versions: dict = field(default_factory=dict)
@@ -134,7 +139,7 @@ class Manifest:
         """The graph and its weights are there with their sizes: cheap, and catches a truncated copy.
         (config.json and the tokenizer may be edited by hand; `gpt2-onnx verify` checks every hash.)"""
         for name, size in self.sizes.items():
-            if not name.startswith(MODEL_FILE):
+            if not name.removeprefix(f"{BATCHED_FOLDER}/").startswith(MODEL_FILE):
                 continue
             path = folder / name
             if not path.is_file():

@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from gpt2_onnx.engine.manifest import GRAPHS, MANIFEST, Manifest
+from gpt2_onnx.engine.manifest import BATCHED_FOLDER, GRAPHS, MANIFEST, MODEL_FILE, Manifest
 from gpt2_onnx.errors import Gpt2OnnxError
 
+from .batched import calibrate, remove_batched_graph, wants_batched_graph, write_batched_graph
 from .quantize import QuantConfig
 
 Log = Callable[[str], None]
@@ -84,17 +85,18 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
     from .to_onnx import export_fast_graph, export_reference_graph
 
     measure = quant.precision != "fp32" and evaluation[1] != 0
-    stages = _Stages(log, total=4 + measure + with_attention)
+    batched = graph == "fast" and wants_batched_graph(quant)
+    stages = _Stages(log, total=4 + measure + with_attention + batched)
     with stages("load", source):
         checkpoint = load_checkpoint(source)
         quant = quant.for_width(checkpoint.model.config.n_embd)
     max_weight_error = 0.0
     if graph == "fast":
         with stages("to-onnx", f"op-by-op fast graph, {describe(quant)}"):
-            model_path, max_weight_error = export_fast_graph(checkpoint.model, work, quant)
+            _, max_weight_error = export_fast_graph(checkpoint.model, work, quant)
     else:
         with stages("to-onnx", "Optimum text-generation-with-past"):
-            model_path = export_reference_graph(checkpoint.model, work)
+            export_reference_graph(checkpoint.model, work)
     if with_attention:  # recorded in the manifest's files like every file of the folder
         from .attention import write_attention_graph
 
@@ -102,24 +104,66 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
             write_attention_graph(checkpoint.model, work)
     checkpoint.model.config.save_pretrained(work)
     checkpoint.tokenizer.save_pretrained(work)
+    if batched:
+        with stages("batched", "int8 graph for prompts and wide batches, then timed against the main graph"):
+            batched_error = write_batched_graph(checkpoint.model, work, quant)
+            batched = _choose_batched(work, Manifest.for_graph(graph, quant.precision,
+                                                               checkpoint.model.config.to_dict()), log)
+            if batched:
+                batched["max_weight_error"] = batched_error
     manifest = Manifest.for_graph(graph, quant.precision, checkpoint.model.config.to_dict(), source=source,
                                   source_kind=checkpoint.kind,
-                                  quantization={**asdict(quant), "max_weight_error": max_weight_error})
+                                  quantization={**asdict(quant), "max_weight_error": max_weight_error},
+                                  batched=batched or {})
     with stages("check", "onnx.checker, then parity with PyTorch"):
-        _check_graph(model_path)
-        check_io(work, manifest)
-        manifest = replace(manifest, parity=measure_parity(checkpoint.model, Engine(work, manifest=manifest)))
+        for folder in [work] + ([work / BATCHED_FOLDER] if batched else []):
+            _check_graph(folder / MODEL_FILE)
+            check_io(folder, manifest)
+        # each graph on its own: the main one for every pass, then the batched one for every pass
+        engine = Engine(work, manifest=manifest)
+        engines = {"": NEVER, **({"batched": 1} if batched else {})}
+        parity = {key: measure_parity(checkpoint.model, _passes_from(engine, min_tokens))
+                  for key, min_tokens in engines.items()}
+        manifest = replace(manifest, parity=parity[""])
+        if batched:
+            manifest = replace(manifest, batched={**manifest.batched, "parity": parity["batched"]})
     if measure:
         with stages("quality", "teacher-forced against PyTorch fp32"):
             text, windows = evaluation
             windows_args = () if windows is None else (windows,)
             ids, described = evaluation_windows(checkpoint.tokenizer, checkpoint.model, text, *windows_args)
-            quality = measure_quality(checkpoint.model, Engine(work, manifest=manifest), ids)
-            manifest = replace(manifest, quality={"text": described, **quality})
+            quality = {key: {"text": described, **measure_quality(checkpoint.model, _passes_from(engine, min_tokens), ids)}
+                       for key, min_tokens in engines.items()}
+            manifest = replace(manifest, quality=quality[""])
+            if batched:
+                manifest = replace(manifest, batched={**manifest.batched, "quality": quality["batched"]})
     with stages("manifest", "hashes and versions"):
         manifest = finish(manifest, work)
         manifest.write(work)
         return manifest
+
+
+NEVER = 2**62  # a batched_min_tokens no pass reaches
+
+
+def _passes_from(engine, min_tokens: int):
+    """The engine with its batched graph running passes of `min_tokens`+ tokens (NEVER: none; 1: all)."""
+    engine.batched_min_tokens = min_tokens
+    return engine
+
+
+def _choose_batched(work: Path, manifest: Manifest, log: Log) -> dict | None:
+    """Time the batched graph against the main one; keep it if it wins from some length on."""
+    from gpt2_onnx.engine import Engine
+
+    timing = calibrate(Engine(work, manifest=replace(manifest, batched={"folder": BATCHED_FOLDER})))
+    if timing["min_tokens"] is None:
+        log("      the batched graph was not faster at any length on this machine: left out")
+        remove_batched_graph(work)
+        return None
+    log(f"      the batched graph runs passes of {timing['min_tokens']}+ tokens (measured here)")
+    return {"folder": BATCHED_FOLDER, "precision": "int8", "kernel": "DynamicQuantizeMatMul",
+            "min_tokens": timing["min_tokens"], "calibration": timing}
 
 
 def describe(quant: QuantConfig) -> str:

@@ -34,6 +34,8 @@ class QuantConfig:
     # int8 blocks: DynamicQuantizeMatMul (per-channel weights, per-tensor activations) or MatMulNBits
     # (block-wise weights and activations: more accurate, a slower kernel on AVX2)
     int8_kernel: str = "DynamicQuantizeMatMul"
+    # MatMulNBits blocks: also write the int8 graph that runs prefills and wide batches faster (batched.py)
+    batched_graph: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

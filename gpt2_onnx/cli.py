@@ -73,6 +73,9 @@ def add_export(sub) -> None:
                    help="store a zero point per block (default: symmetric, which measured as accurate and faster)")
     q.add_argument("--lm-head-bits", type=int, choices=[4, 8, 32], default=None,
                    help="bits of the tied embedding / LM head (default: 8 for int8 and int4)")
+    q.add_argument("--batched-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="int4: also write an int8 graph for prompts and wide batches, used from the token count "
+                        "at which it measured faster (costs the int8 weights' size on disk and in memory)")
     q.add_argument("--eval-text", default=None,
                    help="text file for the quality measurement (default: the prose shipped with gpt2-onnx)")
     q.add_argument("--skip-quality", action="store_true", help="do not measure quality against PyTorch")
@@ -91,7 +94,7 @@ def quant_config(args):
         return QuantConfig.fp16() if args.precision == "fp16" else QuantConfig.fp32()
     symmetric = defaults.symmetric if args.asymmetric is None else not args.asymmetric
     return QuantConfig(args.precision, block_size=args.block_size, symmetric=symmetric,
-                       lm_head_bits=args.lm_head_bits or defaults.lm_head_bits)
+                       lm_head_bits=args.lm_head_bits or defaults.lm_head_bits, batched_graph=args.batched_graph)
 
 
 def run_export(args) -> None:

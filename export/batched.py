@@ -1,0 +1,91 @@
+"""The batched graph: a second graph over the same KV cache, for passes of many tokens.
+
+MatMulNBits (4-bit blocks, or 8-bit blocks) streams the weights fastest one token at a time, but it
+dequantizes per block of every row, so a 32-token prompt or a 16-row decode step costs it up to twice
+what onnxruntime's int8 DynamicQuantizeMatMul (integer dot products over whole rows) needs. So an
+export whose blocks use MatMulNBits also writes the int8 graph into `batched/`: same inputs, outputs
+and cache layout, so either graph can run any step over the same KV buffer (engine/decoders.py).
+
+From how many tokens the batched graph wins depends on the CPU (VNNI or not, its cache, its memory),
+so it is measured here, on the machine that exports: prompts of each length in LENGTHS through both
+graphs, alternating, the fastest of REPEATS runs each (the fastest, not the median: a neighbour's load
+only ever adds time). The threshold is the shortest length from which the batched graph is faster at
+every longer length measured; if it never is, the folder is removed and the export has none.
+Costs: the int8 weights on disk and in memory beside the main graph's (stated in the manifest's sizes).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from gpt2_onnx.engine.decoders import SharedBufferDecoder
+from gpt2_onnx.engine.manifest import BATCHED_FOLDER
+
+from .quantize import QuantConfig
+
+LENGTHS = (1, 2, 4, 8, 16, 32, 64)
+REPEATS = 7
+
+
+def wants_batched_graph(quant: QuantConfig) -> bool:
+    """MatMulNBits blocks (int4, or int8 with that kernel) gain from an int8 graph for wide passes."""
+    uses_nbits = quant.block_bits == 4 or (quant.block_bits == 8 and quant.int8_kernel == "MatMulNBits")
+    return quant.batched_graph and uses_nbits
+
+
+def batched_recipe(quant: QuantConfig) -> QuantConfig:
+    """int8 DynamicQuantizeMatMul blocks; the LM head and embedding as the main graph stores them."""
+    return replace(QuantConfig.int8(block_size=quant.block_size), lm_head_bits=quant.head_bits or 32,
+                   batched_graph=False)
+
+
+def write_batched_graph(model, work: Path, quant: QuantConfig) -> float:
+    """The int8 graph into `work/batched/`; returns its quantizer's max weight error."""
+    from .to_onnx import export_fast_graph
+
+    folder = work / BATCHED_FOLDER
+    folder.mkdir()
+    return export_fast_graph(model, folder, batched_recipe(quant))[1]
+
+
+def calibrate(engine, lengths: tuple[int, ...] = LENGTHS, repeats: int = REPEATS) -> dict:
+    """Time prompts of each length through the engine's main and batched graphs; the threshold and why."""
+    decoders = [SharedBufferDecoder(session, engine.manifest, engine.provider)
+                for session in (engine.session, engine.batched_session)]
+    rng = np.random.default_rng(0)
+    best = {length: [float("inf"), float("inf")] for length in lengths}
+    for decoder in decoders:
+        decoder.allocate(1, max(lengths))
+        decoder.add([0] * max(lengths))  # warm-up: first runs allocate
+        decoder.remove(0)
+    for _ in range(repeats):
+        for length in lengths:
+            prompt = rng.integers(0, engine.manifest.vocab_size, length).tolist()
+            for i, decoder in enumerate(decoders):
+                start = time.perf_counter()
+                decoder.add(prompt)
+                best[length][i] = min(best[length][i], time.perf_counter() - start)
+                decoder.remove(0)
+    return {"min_tokens": threshold(best), "lengths": list(lengths), "repeats": repeats,
+            "fastest_ms": {str(length): [round(t * 1e3, 3) for t in pair] for length, pair in best.items()}}
+
+
+def threshold(best: dict[int, list[float]]) -> int | None:
+    """{length: [main s, batched s]} -> the shortest length from which the batched graph is faster at every
+    longer length too (None: it is not faster at the longest)."""
+    min_tokens = None
+    for length in sorted(best, reverse=True):
+        main, batched = best[length]
+        if batched >= main:
+            break
+        min_tokens = length
+    return min_tokens
+
+
+def remove_batched_graph(work: Path) -> None:
+    shutil.rmtree(work / BATCHED_FOLDER)

@@ -1,0 +1,141 @@
+"""The batched graph: an int8 graph beside an int4 export's, sharing its KV cache, for passes of many tokens."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from gpt2_onnx.engine import Engine
+from gpt2_onnx.engine.decoders import SharedBufferDecoder
+from gpt2_onnx.engine.manifest import MANIFEST, MODEL_FILE, Manifest
+from gpt2_onnx.engine.session import session_options
+from gpt2_onnx.export import QuantConfig, export_model
+from gpt2_onnx.export import convert
+from gpt2_onnx.export.batched import calibrate, threshold, wants_batched_graph
+
+NEVER = convert.NEVER
+
+
+def fixed_timing(min_tokens):
+    def fake(engine, *args, **kwargs):
+        assert engine.batched_session is not None  # the export timed a real second session
+        return {"min_tokens": min_tokens, "lengths": [4], "repeats": 1, "fastest_ms": {"4": [2.0, 1.0]}}
+    return fake
+
+
+@pytest.fixture(scope="module")
+def int4_export(tiny_checkpoint, tmp_path_factory, monkeypatch_module):
+    # the decision is timed on the machine that exports; here it is fixed so the test does not depend on load
+    monkeypatch_module.setattr(convert, "calibrate", fixed_timing(4))
+    out = tmp_path_factory.mktemp("batched") / "int4"
+    export_model(str(tiny_checkpoint), out, quant=QuantConfig.int4(), eval_windows=4, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_export_writes_checks_and_describes_the_batched_graph(int4_export):
+    manifest = Manifest.read(int4_export)
+    batched = manifest.batched
+    assert batched["folder"] == "batched" and batched["precision"] == "int8" and batched["min_tokens"] == 4
+    assert (int4_export / "batched" / MODEL_FILE).is_file()
+    assert "batched/model.onnx" in manifest.files and "batched/model.onnx" in manifest.sizes
+    # each graph measured on its own: int8 is closer to PyTorch than int4
+    assert batched["parity"]["decode_steps"] == manifest.parity["decode_steps"]
+    assert batched["parity"]["max_abs_logit_diff"] < manifest.parity["max_abs_logit_diff"]
+    assert batched["quality"]["tokens"] == manifest.quality["tokens"] > 0
+    assert batched["quality"]["mean_kl"] < manifest.quality["mean_kl"]
+    assert not Manifest.read(int4_export).verify(int4_export)
+
+
+def test_a_truncated_batched_graph_is_refused_at_load(int4_export, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(int4_export, tmp_path / "copy")
+    with open(copy / "batched" / MODEL_FILE, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(Exception, match="batched/model.onnx.*truncated"):
+        Engine(copy)
+
+
+def test_passes_run_on_the_graph_their_token_count_chooses(int4_export):
+    main_only = Engine(int4_export, threads=1, batched_min_tokens=NEVER).new_decoder()
+    batched_only = Engine(int4_export, threads=1, batched_min_tokens=1).new_decoder()
+    mixed = Engine(int4_export, threads=1).new_decoder()  # the manifest's 4
+    short, long = [5, 6, 7], [5, 6, 7, 8, 9, 10]
+    for decoder in (main_only, batched_only, mixed):
+        decoder.allocate(2, 32)
+    logits = {name: [d.add(short)[0], d.add(long)[0]] for name, d in
+              (("main", main_only), ("batched", batched_only), ("mixed", mixed))}
+    assert np.array_equal(logits["mixed"][0], logits["main"][0])  # 3 tokens < 4: the int4 graph
+    assert np.array_equal(logits["mixed"][1], logits["batched"][1])  # 6 tokens: the int8 graph
+    assert not np.array_equal(logits["main"][1], logits["batched"][1])
+    # a decode step of 2 rows (< 4) runs on the int4 graph, over a cache the int8 graph partly wrote
+    step = mixed.decode(np.array([11, 12])).copy()
+    reference = main_only.decode(np.array([11, 12]))
+    assert np.array_equal(step[0], reference[0])  # row 0's cache came from the int4 graph in both
+    assert np.corrcoef(step[1], reference[1])[0, 1] > 0.95  # row 1's from int8 here, int4 there: close
+
+
+def test_two_sessions_share_one_cache_exactly(tiny_export):
+    """The same graph as main and batched: every routing gives the very logits one session gives,
+    while rows join mid-generation and leave (swap-remove moves caches written by the other session)."""
+    manifest = Manifest.read(tiny_export)
+    path = str(tiny_export / MODEL_FILE)
+    sessions = [ort.InferenceSession(path, session_options(1), providers=["CPUExecutionProvider"]) for _ in range(2)]
+    one = SharedBufferDecoder(sessions[0], manifest)
+    two = SharedBufferDecoder(sessions[0], manifest, batched=sessions[1], min_tokens=3)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, manifest.vocab_size, n).tolist() for n in (2, 5, 3, 1)]
+    for decoder in (one, two):
+        decoder.allocate(4, 40)
+    outputs = [[], []]
+    for step in range(12):
+        if step < len(prompts):
+            for out, decoder in zip(outputs, (one, two)):
+                out.append(decoder.add(prompts[step])[-1].copy())
+        if step == 6:
+            for decoder in (one, two):
+                decoder.remove(0)
+        tokens = np.arange(one.rows) + step
+        for out, decoder in zip(outputs, (one, two)):
+            out.append(decoder.decode(tokens).copy())
+    for a, b in zip(*outputs):
+        assert np.array_equal(a, b)
+
+
+def test_without_a_batched_graph(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(convert, "calibrate", fixed_timing(None))  # never faster on this machine: left out
+    out = export_model(str(tiny_checkpoint), tmp_path / "never", quant=QuantConfig.int4(), eval_windows=0,
+                       log=lambda _: None).out_dir
+    assert Manifest.read(out).batched == {} and not (out / "batched").exists()
+    assert json.loads((out / MANIFEST).read_text())["batched"] == {}
+    off = replace(QuantConfig.int4(), batched_graph=False)
+    assert not wants_batched_graph(off) and not wants_batched_graph(QuantConfig.int8())
+    assert wants_batched_graph(replace(QuantConfig.int8(), int8_kernel="MatMulNBits"))
+    assert Engine(out).new_decoder().batched is None
+
+
+@pytest.mark.parametrize("best, expected", [
+    ({1: [1.0, 2.0], 4: [2.0, 2.5], 16: [5.0, 4.0], 64: [20.0, 10.0]}, 16),
+    ({1: [1.0, 0.5], 16: [5.0, 4.0]}, 1),
+    ({1: [1.0, 2.0], 16: [5.0, 4.0], 64: [20.0, 21.0]}, None),  # must win at the longest too
+    ({1: [1.0, 0.5], 4: [2.0, 3.0], 16: [5.0, 4.0]}, 16),  # a win below a loss does not count
+])
+def test_threshold(best, expected):
+    assert threshold(best) == expected
+
+
+def test_calibrate_times_both_graphs(int4_export):
+    timing = calibrate(Engine(int4_export, threads=1), lengths=(1, 8), repeats=2)
+    assert timing["lengths"] == [1, 8] and set(timing["fastest_ms"]) == {"1", "8"}
+    assert all(t > 0 for pair in timing["fastest_ms"].values() for t in pair)
+    assert timing["min_tokens"] in (None, 1, 8)
