@@ -9,6 +9,8 @@ The logits returned by `decode` may be a buffer that the next call overwrites: c
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import onnxruntime as ort
 
@@ -100,7 +102,7 @@ class SharedBufferDecoder:
         """Room for `capacity` rows of up to `max_length` tokens each (prompt + generated)."""
         shape = (capacity, self.manifest.n_head, max_length, self.manifest.head_dim)
         if self.provider == "cpu":  # numpy owns the memory (zeroed lazily by the OS: pages are touched as used)
-            self.arrays = [np.zeros(shape, self.dtype) for _ in self.names]
+            self.arrays = [zeroed(shape, self.dtype) for _ in self.names]
             self.buffers = [ort.OrtValue.ortvalue_from_numpy(array) for array in self.arrays]
         else:
             self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.provider, 0)
@@ -191,6 +193,25 @@ class SharedBufferDecoder:
             binding.bind_input(past, **view)
             binding.bind_output(present, **view)
         return binding
+
+
+HUGE_PAGES_FROM = 4 * 1024 * 1024  # bytes
+
+
+def zeroed(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A zeroed host array for the KV cache, backed by transparent huge pages where Linux allows it.
+
+    GroupQueryAttention's prefill touches a row's whole [heads, max_length, head_dim] slice, so a row's
+    first use faults in all its pages: with 4 KiB pages that measured ~0.37 GB/s on a small VM (a gpt2
+    row of 1,024 tokens: 75 MB, 0.2 s), with 2 MiB pages about 4x faster. Anonymous mmap memory is zeroed
+    by the kernel, as np.zeros' is; the array keeps the mapping alive and unmaps it when freed.
+    """
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes < HUGE_PAGES_FROM or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.zeros(shape, dtype)
+    memory = mmap.mmap(-1, nbytes)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(memory, dtype).reshape(shape)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

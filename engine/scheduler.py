@@ -64,6 +64,9 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     entries_sent: int = 0  # log-probability entries already handed out
     answered: bool = False  # its first token has been delivered
+    # False: one event when the row ends (a whole answer needs no per-token wakeup of its listener, which on a
+    # small machine takes CPU from the decode step); True: an event per token
+    stream: bool = True
 
     def cancel(self) -> None:
         self.row.cancelled = True  # the scheduler drops the row at its next turn
@@ -163,13 +166,15 @@ class Scheduler:
         if row.new_ids and not job.answered:
             job.answered = True
             self.metrics.observe("time_to_first_token_seconds", time.perf_counter() - job.submitted)
-        entries = row.entries[job.entries_sent:]
-        job.entries_sent = len(row.entries)
-        event = Event(job.index, row.unsent_text(), entries, row.finish_reason, row.error)
         self.metrics.count("generated_tokens_total", 1 if row.new_ids and row.finish_reason != "error" else 0)
         if row.finish_reason:
             self.metrics.observe("request_latency_seconds", time.perf_counter() - job.submitted)
             self.metrics.count("requests_finished_total", labels={"reason": row.finish_reason})
+        elif not job.stream:
+            return
+        entries = row.entries[job.entries_sent:]
+        job.entries_sent = len(row.entries)
+        event = Event(job.index, row.unsent_text(), entries, row.finish_reason, row.error)
         try:
             job.emit(event)
         except Exception:  # noqa: BLE001 - nobody is listening any more: the row leaves the batch

@@ -20,7 +20,8 @@ from .openai_api import (FINISH_REASONS, ApiError, CompletionRequest, chunk_body
                          new_id, usage)
 
 MAX_CHARS_PER_TOKEN = 128  # no GPT-2 token is longer: a text prompt past context x this cannot fit
-POLL_S = 0.05  # how often a waiting request checks that its client is still there
+POLL_S = 0.05  # how often a stream checks that its client is still there
+GONE = object()  # put in a whole answer's event queue when its client hangs up
 
 
 class ClientGone(Exception):
@@ -84,7 +85,7 @@ def _jobs(engine: Engine, body: CompletionRequest, prompts: list, config, emit) 
                 raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens"), "max_tokens") from None
             except Gpt2OnnxError as exc:
                 raise ApiError(400, str(exc), "prompt") from None
-            jobs.append(Job(row, emit, index=i * body.rows_per_prompt + j))
+            jobs.append(Job(row, emit, index=i * body.rows_per_prompt + j, stream=bool(body.stream)))
     return jobs
 
 
@@ -105,30 +106,50 @@ class Completion:
         """Each event until every choice has finished; ends early (ClientGone) when the client hangs up,
         or with a 504 at the request's time limit."""
         pending = {job.index for job in self.jobs}
+        # A whole answer's one event comes at the end: a watcher tells when its client hangs up, so the
+        # event loop is not woken to poll (CPU a small machine's decode step shares). A stream polls.
+        watcher = None if self.body.stream else asyncio.create_task(self._watch_disconnect(request))
+        poll_s = POLL_S if self.body.stream else float("inf")
         checked = time.monotonic()
-        while pending:
-            try:
-                event: Event | None = await asyncio.wait_for(self.events.get(), POLL_S)
-            except asyncio.TimeoutError:
-                event = None
-            if time.monotonic() - checked >= POLL_S:  # events may never pause: check on a clock, not on silence
-                checked = time.monotonic()
-                if await request.is_disconnected():
+        try:
+            while pending:
+                try:  # wake for the next event, the next client check, or the time limit, whichever is first
+                    wait = min(poll_s, max(0.0, self.deadline - time.monotonic()))
+                    event: Event | None = await asyncio.wait_for(self.events.get(), wait)
+                except asyncio.TimeoutError:
+                    event = None
+                now = time.monotonic()
+                if event is GONE:
                     raise ClientGone
-                if checked > self.deadline:
+                if now >= self.deadline:
                     self.metrics.count("requests_timed_out_total")
                     raise ApiError(504, f"the request took longer than the server's limit of "
                                         f"{self.limits.request_timeout_s:g} s (--request-timeout)",
                                    kind="server_error", code="timeout")
-            if event is None:
-                continue
-            if self.echo is not None and self.echo[event.index] is not None:
-                event = Event(event.index, self.echo[event.index] + event.text, event.logprobs, event.finish_reason,
-                              event.error)
-                self.echo[event.index] = None
-            if event.finish_reason:
-                pending.discard(event.index)
-            yield event
+                if now - checked >= poll_s:  # events may never pause: check on a clock, not on silence
+                    checked = now
+                    if await request.is_disconnected():
+                        raise ClientGone
+                if event is not None:
+                    yield self._with_echo(event, pending)
+        finally:
+            if watcher:
+                watcher.cancel()
+
+    async def _watch_disconnect(self, request: Request) -> None:
+        """The request's body is read: its next ASGI message is the client's disconnect, whenever it comes."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.events.put_nowait(GONE)
+
+    def _with_echo(self, event: Event, pending: set[int]) -> Event:
+        if self.echo is not None and self.echo[event.index] is not None:
+            event = Event(event.index, self.echo[event.index] + event.text, event.logprobs, event.finish_reason,
+                          event.error)
+            self.echo[event.index] = None
+        if event.finish_reason:
+            pending.discard(event.index)
+        return event
 
     def _logprobs(self, event: Event) -> dict | None:
         if self.body.logprobs is None:

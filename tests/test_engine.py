@@ -266,3 +266,13 @@ def test_prompt_logits_at_every_position_match_torch(tiny_engine, tiny_torch_mod
     with torch.inference_mode():
         want = tiny_torch_model(torch.tensor([ids])).logits[0].numpy()
     assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (64, 12, 1024, 16)])  # under and over the huge-page size
+def test_kv_buffers_start_zeroed_and_writable(shape):
+    from gpt2_onnx.engine.decoders import zeroed
+
+    array = zeroed(shape, np.dtype(np.float32))
+    assert array.shape == shape and array.dtype == np.float32 and not array.any()
+    array[...] = 1.0  # the cache is written in place
+    assert array.sum() == np.prod(shape)

@@ -80,6 +80,24 @@ def alone(engine: Engine, prompt: str, config: GenerationConfig) -> str:
     return engine.generate(prompt, config).text
 
 
+def test_a_whole_answer_gets_one_event_with_everything_a_stream_gets(engine):
+    """Jobs answered whole wake their listener once, at the end, with the text and log-probabilities a
+    streamed job receives token by token."""
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch=4))
+    config = GenerationConfig(max_new_tokens=24, temperature=0)
+    streamed, whole = Collector(), Collector()
+    scheduler.submit([Job(engine.new_row("Once upon", config, logprobs=2), streamed, 0),
+                      Job(engine.new_row("Once upon", config, logprobs=2), whole, 1, stream=False)])
+    scheduler.start()
+    try:
+        assert streamed.done.wait(60) and whole.done.wait(60)
+    finally:
+        scheduler.stop()
+    assert len(whole.events) == 1 and len(streamed.events) >= 24
+    assert whole.text == streamed.text and whole.finish == streamed.finish == "length"
+    assert whole.events[0].logprobs == [e for event in streamed.events for e in event.logprobs]
+
+
 CONFIG = GenerationConfig(max_new_tokens=24)
 
 
