@@ -48,6 +48,7 @@ class Engine:
         self.manifest.check_files(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.provider = provider
+        self._seeds = np.random.default_rng()
         self.session = create_session(self.model_dir, provider, threads)
         batched = self.manifest.batched
         self.batched_session = create_session(self.model_dir / batched["folder"], provider, threads) if batched else None
@@ -85,7 +86,8 @@ class Engine:
             raise ContextTooLong(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the model's "
                 f"context of {self.manifest.n_positions} tokens; shorten the prompt or lower max_new_tokens")
-        seed = None if config.seed is None else (config.seed + seed_offset) % 2**63
+        # unseeded rows draw their seed from the engine's generator (OS entropy per row is slow on some VMs)
+        seed = int(self._seeds.integers(2**63)) if config.seed is None else (config.seed + seed_offset) % 2**63
         return Row(ids, config, self.manifest.eos_token_id, np.random.default_rng(seed),
                    IncrementalText(self.tokenizer), logprobs=logprobs, score_prompt=score_prompt)
 

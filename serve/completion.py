@@ -20,6 +20,7 @@ from .openai_api import (FINISH_REASONS, ApiError, CompletionRequest, chunk_body
                          new_id, usage)
 
 MAX_CHARS_PER_TOKEN = 128  # no GPT-2 token is longer: a text prompt past context x this cannot fit
+INLINE_TOKENIZE_CHARS = 512  # prompts up to this many characters are tokenized on the event loop (~0.15 ms)
 POLL_S = 0.05  # how often a stream checks that its client is still there
 GONE = object()  # put in a whole answer's event queue when its client hangs up
 
@@ -49,7 +50,10 @@ async def submit(engine: Engine, scheduler: Scheduler, body: CompletionRequest, 
         _check_text(prompt, engine.manifest.n_positions)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731 (from the scheduler thread)
-    jobs = await asyncio.to_thread(_jobs, engine, body, prompts, config, emit)  # tokenizing is CPU work
+    if sum(len(p) for p in prompts if isinstance(p, str)) <= INLINE_TOKENIZE_CHARS:
+        jobs = _jobs(engine, body, prompts, config, emit)  # cheaper than the hand-off to a thread
+    else:
+        jobs = await asyncio.to_thread(_jobs, engine, body, prompts, config, emit)  # keep the event loop free
     try:
         scheduler.submit(jobs)
     except QueueFull as exc:

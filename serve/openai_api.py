@@ -7,6 +7,7 @@ added from `GenerationConfig`'s own declarations, so a new option reaches the AP
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 
@@ -134,8 +135,13 @@ class CompletionRequest(create_model("_Completion", __base__=_StandardRequest, *
         return list(prompt)
 
 
+_ID_PREFIX = uuid.uuid4().hex[:12]  # per process: replicas behind one proxy never collide
+_ID_COUNTER = itertools.count()
+
+
 def new_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex}"
+    """Unique per server; a counter, not uuid4 per request (the OS entropy call is slow on some VMs)."""
+    return f"cmpl-{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
 def logprobs_body(entries: list[TokenLogprob], decode, start_offset: int = 0) -> dict:
