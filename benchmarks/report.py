@@ -22,9 +22,19 @@ CHECK = re.compile(r"^\s*(?P<lhs>[^<>=]+?)\s*(?P<op><=|>=)\s*(?P<value>[0-9.eE+-
 
 def metric(results: dict, term: str) -> float | None:
     """`per_token[@L]`, `prefill[@L]`, `throughput@B`, `cold_start`, `peak_rss`, `rss_growth`, `kv_buffer` of a system,
-    written `METRIC:SYSTEM`; None where the suite did not measure it."""
+    written `METRIC:SYSTEM`; `floor`: the system's weights per token over the bandwidth measured in the same run
+    (ms: the per-token time if streaming weights were all it did); `serving@C`: the served system's tokens/s
+    at C concurrent clients. None where the suite did not measure it."""
     name, _, system = term.partition(":")
     kind, _, at = name.partition("@")
+    if kind == "floor":
+        weight_mb = results.get("systems", {}).get(system, {}).get("weight_mb_per_token")
+        bandwidth = results.get("machine", {}).get("memory_read_gb_per_s")
+        return weight_mb / bandwidth if weight_mb and bandwidth else None  # MB / (GB/s) = ms
+    if kind == "serving":
+        serving = results.get("serving") or {}
+        levels = [lv for lv in serving.get("levels", []) if lv["clients"] == int(at or 1)]
+        return levels[0]["tokens_per_s"] if levels and serving.get("system") == system else None
     if kind in ("per_token", "prefill"):
         rows = results.get("latency", {}).get(system, [])
         rows = [r for r in rows if r["point"]["prompt"] == int(at)] if at else rows[:1]
