@@ -38,7 +38,8 @@ def engine_parity(systems: list[System], checkpoint: Path, eval_text: Path | Non
     out = {}
     for system in engines:
         log(f"  {system.name}: logits against PyTorch")
-        out[system.name] = {"logits": measure_parity(loaded.model, system.engine)}
+        engine = system.engine.batched_from(None)  # the graph generated tokens come from (the manifest has both)
+        out[system.name] = {"logits": measure_parity(loaded.model, engine)}
         if system.engine.manifest.precision != "fp32":
             if text_windows is None and eval_text is None and random_text:
                 vocab = loaded.model.config.vocab_size
@@ -48,5 +49,5 @@ def engine_parity(systems: list[System], checkpoint: Path, eval_text: Path | Non
                 text_windows, described = evaluation_windows(loaded.tokenizer, loaded.model, eval_text, windows)
             log(f"  {system.name}: quality on {described}")
             out[system.name]["quality"] = {"text": described,
-                                           **measure_quality(loaded.model, system.engine, text_windows)}
+                                           **measure_quality(loaded.model, engine, text_windows)}
     return out

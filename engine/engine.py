@@ -9,6 +9,7 @@ Both drive the one decode loop in loop.py; the continuous-batching scheduler dri
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from collections.abc import Iterator, Sequence
@@ -98,6 +99,13 @@ class Engine:
         if max(ids) >= self.manifest.vocab_size or min(ids) < 0:
             raise Gpt2OnnxError(f"token ids must be in [0, {self.manifest.vocab_size}); got {min(ids)}..{max(ids)}")
         return ids
+
+    def batched_from(self, min_tokens: int | None) -> Engine:
+        """This engine, same sessions, with passes of `min_tokens`+ tokens on the batched graph (None: none, so
+        everything runs on the main graph; 1: all). For measuring each graph on its own."""
+        other = copy.copy(self)
+        other.batched_min_tokens = min_tokens if self.batched_session is not None else None
+        return other
 
     def new_decoder(self) -> ConcatCacheDecoder | SharedBufferDecoder:
         """A fresh KV cache over this engine's session, of the kind the manifest names."""

@@ -121,9 +121,8 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
             check_io(folder, manifest)
         # each graph on its own: the main one for every pass, then the batched one for every pass
         engine = Engine(work, manifest=manifest)
-        engines = {"": NEVER, **({"batched": 1} if batched else {})}
-        parity = {key: measure_parity(checkpoint.model, _passes_from(engine, min_tokens))
-                  for key, min_tokens in engines.items()}
+        engines = {"": engine.batched_from(None), **({"batched": engine.batched_from(1)} if batched else {})}
+        parity = {key: measure_parity(checkpoint.model, each) for key, each in engines.items()}
         manifest = replace(manifest, parity=parity[""])
         if batched:
             manifest = replace(manifest, batched={**manifest.batched, "parity": parity["batched"]})
@@ -132,8 +131,8 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
             text, windows = evaluation
             windows_args = () if windows is None else (windows,)
             ids, described = evaluation_windows(checkpoint.tokenizer, checkpoint.model, text, *windows_args)
-            quality = {key: {"text": described, **measure_quality(checkpoint.model, _passes_from(engine, min_tokens), ids)}
-                       for key, min_tokens in engines.items()}
+            quality = {key: {"text": described, **measure_quality(checkpoint.model, each, ids)}
+                       for key, each in engines.items()}
             manifest = replace(manifest, quality=quality[""])
             if batched:
                 manifest = replace(manifest, batched={**manifest.batched, "quality": quality["batched"]})
@@ -141,15 +140,6 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
         manifest = finish(manifest, work)
         manifest.write(work)
         return manifest
-
-
-NEVER = 2**62  # a batched_min_tokens no pass reaches
-
-
-def _passes_from(engine, min_tokens: int):
-    """The engine with its batched graph running passes of `min_tokens`+ tokens (NEVER: none; 1: all)."""
-    engine.batched_min_tokens = min_tokens
-    return engine
 
 
 def _choose_batched(work: Path, manifest: Manifest, log: Log) -> dict | None:

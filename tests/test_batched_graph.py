@@ -17,8 +17,6 @@ from gpt2_onnx.export import QuantConfig, export_model
 from gpt2_onnx.export import convert
 from gpt2_onnx.export.batched import calibrate, threshold, wants_batched_graph
 
-NEVER = convert.NEVER
-
 
 def fixed_timing(min_tokens):
     def fake(engine, *args, **kwargs):
@@ -67,9 +65,9 @@ def test_a_truncated_batched_graph_is_refused_at_load(int4_export, tmp_path):
 
 
 def test_passes_run_on_the_graph_their_token_count_chooses(int4_export):
-    main_only = Engine(int4_export, threads=1, batched_min_tokens=NEVER).new_decoder()
-    batched_only = Engine(int4_export, threads=1, batched_min_tokens=1).new_decoder()
-    mixed = Engine(int4_export, threads=1).new_decoder()  # the manifest's 4
+    engine = Engine(int4_export, threads=1)
+    main_only, batched_only = engine.batched_from(None).new_decoder(), engine.batched_from(1).new_decoder()
+    mixed = engine.new_decoder()  # the manifest's 4
     short, long = [5, 6, 7], [5, 6, 7, 8, 9, 10]
     for decoder in (main_only, batched_only, mixed):
         decoder.allocate(2, 32)
