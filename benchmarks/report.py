@@ -201,15 +201,19 @@ def plots(results: dict, out: Path) -> list[Path]:
         series = {system: [r for r in rows if "per_token_ms" in r] for system, rows in results.get(key, {}).items()}
         if not any(series.values()):
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for system, rows in series.items():
-            ax.plot([x_of(r) for r in rows], [y_of(r) for r in rows], marker="o", label=system)
+        fig, ax = plt.subplots(figsize=(8, 5))
+        colors = plt.get_cmap("tab20").colors  # 20 distinct colours: one per system of a full run
+        for i, (system, rows) in enumerate(series.items()):
+            # this engine solid, peers dashed, llama.cpp's own tools dotted
+            style = ":" if system.endswith("(llama.cpp tools)") else "-" if system.startswith("engine-") else "--"
+            ax.plot([x_of(r) for r in rows], [y_of(r) for r in rows], marker="o", linestyle=style,
+                    color=colors[i % len(colors)], label=system, linewidth=2.2 if style == "-" else 1.4)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{results['config']['source']}, {results['machine']['threads']} threads, {results['machine']['cpu']}")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)

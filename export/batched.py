@@ -44,13 +44,24 @@ def batched_recipe(quant: QuantConfig) -> QuantConfig:
                    batched_graph=False)
 
 
-def write_batched_graph(model, work: Path, quant: QuantConfig) -> float:
-    """The int8 graph into `work/batched/`; returns its quantizer's max weight error."""
+def add_batched_graph(model, work: Path, quant: QuantConfig, manifest, log) -> dict:
+    """Write the int8 graph into `work/batched/`, time it against the main graph, and keep it if it wins
+    from some length on: the manifest's `batched` entry, or {} (and no folder) if it never does."""
+    from gpt2_onnx.engine import Engine
+
     from .to_onnx import export_fast_graph
 
     folder = work / BATCHED_FOLDER
     folder.mkdir()
-    return export_fast_graph(model, folder, batched_recipe(quant))[1]
+    max_weight_error = export_fast_graph(model, folder, batched_recipe(quant))[1]
+    timing = calibrate(Engine(work, manifest=replace(manifest, batched={"folder": BATCHED_FOLDER})))
+    if timing["min_tokens"] is None:
+        log("      the batched graph was not faster at any length on this machine: left out")
+        shutil.rmtree(folder)
+        return {}
+    log(f"      the batched graph runs passes of {timing['min_tokens']}+ tokens (measured here)")
+    return {"folder": BATCHED_FOLDER, "precision": "int8", "kernel": "DynamicQuantizeMatMul",
+            "min_tokens": timing["min_tokens"], "max_weight_error": max_weight_error, "calibration": timing}
 
 
 def calibrate(engine, lengths: tuple[int, ...] = LENGTHS, repeats: int = REPEATS) -> dict:
@@ -85,7 +96,3 @@ def threshold(best: dict[int, list[float]]) -> int | None:
             break
         min_tokens = length
     return min_tokens
-
-
-def remove_batched_graph(work: Path) -> None:
-    shutil.rmtree(work / BATCHED_FOLDER)

@@ -20,7 +20,7 @@ from pathlib import Path
 from gpt2_onnx.engine.manifest import BATCHED_FOLDER, GRAPHS, MANIFEST, MODEL_FILE, Manifest
 from gpt2_onnx.errors import Gpt2OnnxError
 
-from .batched import calibrate, remove_batched_graph, wants_batched_graph, write_batched_graph
+from .batched import add_batched_graph, wants_batched_graph
 from .quantize import QuantConfig
 
 Log = Callable[[str], None]
@@ -85,8 +85,8 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
     from .to_onnx import export_fast_graph, export_reference_graph
 
     measure = quant.precision != "fp32" and evaluation[1] != 0
-    batched = graph == "fast" and wants_batched_graph(quant)
-    stages = _Stages(log, total=4 + measure + with_attention + batched)
+    with_batched = graph == "fast" and wants_batched_graph(quant)
+    stages = _Stages(log, total=4 + measure + with_attention + with_batched)
     with stages("load", source):
         checkpoint = load_checkpoint(source)
         quant = quant.for_width(checkpoint.model.config.n_embd)
@@ -104,17 +104,15 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
             write_attention_graph(checkpoint.model, work)
     checkpoint.model.config.save_pretrained(work)
     checkpoint.tokenizer.save_pretrained(work)
-    if batched:
+    batched = {}
+    if with_batched:
         with stages("batched", "int8 graph for prompts and wide batches, then timed against the main graph"):
-            batched_error = write_batched_graph(checkpoint.model, work, quant)
-            batched = _choose_batched(work, Manifest.for_graph(graph, quant.precision,
-                                                               checkpoint.model.config.to_dict()), log)
-            if batched:
-                batched["max_weight_error"] = batched_error
+            bare = Manifest.for_graph(graph, quant.precision, checkpoint.model.config.to_dict())
+            batched = add_batched_graph(checkpoint.model, work, quant, bare, log)
     manifest = Manifest.for_graph(graph, quant.precision, checkpoint.model.config.to_dict(), source=source,
                                   source_kind=checkpoint.kind,
                                   quantization={**asdict(quant), "max_weight_error": max_weight_error},
-                                  batched=batched or {})
+                                  batched=batched)
     with stages("check", "onnx.checker, then parity with PyTorch"):
         for folder in [work] + ([work / BATCHED_FOLDER] if batched else []):
             _check_graph(folder / MODEL_FILE)
@@ -140,20 +138,6 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
         manifest = finish(manifest, work)
         manifest.write(work)
         return manifest
-
-
-def _choose_batched(work: Path, manifest: Manifest, log: Log) -> dict | None:
-    """Time the batched graph against the main one; keep it if it wins from some length on."""
-    from gpt2_onnx.engine import Engine
-
-    timing = calibrate(Engine(work, manifest=replace(manifest, batched={"folder": BATCHED_FOLDER})))
-    if timing["min_tokens"] is None:
-        log("      the batched graph was not faster at any length on this machine: left out")
-        remove_batched_graph(work)
-        return None
-    log(f"      the batched graph runs passes of {timing['min_tokens']}+ tokens (measured here)")
-    return {"folder": BATCHED_FOLDER, "precision": "int8", "kernel": "DynamicQuantizeMatMul",
-            "min_tokens": timing["min_tokens"], "calibration": timing}
 
 
 def describe(quant: QuantConfig) -> str:

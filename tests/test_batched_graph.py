@@ -14,7 +14,7 @@ from gpt2_onnx.engine.decoders import SharedBufferDecoder
 from gpt2_onnx.engine.manifest import MANIFEST, MODEL_FILE, Manifest
 from gpt2_onnx.engine.session import session_options
 from gpt2_onnx.export import QuantConfig, export_model
-from gpt2_onnx.export import convert
+from gpt2_onnx.export import batched as batched_module
 from gpt2_onnx.export.batched import calibrate, threshold, wants_batched_graph
 
 
@@ -28,7 +28,7 @@ def fixed_timing(min_tokens):
 @pytest.fixture(scope="module")
 def int4_export(tiny_checkpoint, tmp_path_factory, monkeypatch_module):
     # the decision is timed on the machine that exports; here it is fixed so the test does not depend on load
-    monkeypatch_module.setattr(convert, "calibrate", fixed_timing(4))
+    monkeypatch_module.setattr(batched_module, "calibrate", fixed_timing(4))
     out = tmp_path_factory.mktemp("batched") / "int4"
     export_model(str(tiny_checkpoint), out, quant=QuantConfig.int4(), eval_windows=4, log=lambda _: None)
     return out
@@ -111,7 +111,7 @@ def test_two_sessions_share_one_cache_exactly(tiny_export):
 
 
 def test_without_a_batched_graph(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr(convert, "calibrate", fixed_timing(None))  # never faster on this machine: left out
+    monkeypatch.setattr(batched_module, "calibrate", fixed_timing(None))  # never faster on this machine: left out
     out = export_model(str(tiny_checkpoint), tmp_path / "never", quant=QuantConfig.int4(), eval_windows=0,
                        log=lambda _: None).out_dir
     assert Manifest.read(out).batched == {} and not (out / "batched").exists()
