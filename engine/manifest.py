@@ -26,6 +26,7 @@ FORMAT = "gpt2-onnx/2"
 PRECISIONS = ("fp32", "int8", "int4", "fp16")  # fp16 is for the CUDA provider
 GRAPHS = ("fast", "reference")  # fast: op-by-op graph on a shared KV buffer; reference: Optimum's export
 KV_DTYPES = ("float32", "float16")
+INT8_KERNELS = ("DynamicQuantizeMatMul", "MatMulNBits")  # int8 blocks: per-channel weights, or 8-bit blocks
 
 
 @dataclass(frozen=True)

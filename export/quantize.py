@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from gpt2_onnx.engine.manifest import PRECISIONS
+from gpt2_onnx.engine.manifest import INT8_KERNELS, PRECISIONS
 from gpt2_onnx.errors import Gpt2OnnxError
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -42,6 +42,8 @@ class QuantConfig:
             raise Gpt2OnnxError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise Gpt2OnnxError(f"block_size {self.block_size} is not supported; choose one of {BLOCK_SIZES}")
+        if self.int8_kernel not in INT8_KERNELS:
+            raise Gpt2OnnxError(f"unknown int8 kernel {self.int8_kernel!r}; choose one of {', '.join(INT8_KERNELS)}")
         if self.lm_head_bits not in (None, 4, 8, 32):
             raise Gpt2OnnxError("lm_head_bits must be 4, 8 or 32 (fp32)")
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from gpt2_onnx.engine.config import GenerationConfig, user_options
-from gpt2_onnx.engine.manifest import GRAPHS, PRECISIONS
+from gpt2_onnx.engine.manifest import GRAPHS, INT8_KERNELS, PRECISIONS
 from gpt2_onnx.engine.scheduler import SchedulerConfig
 from gpt2_onnx.engine.session import PROVIDERS
 from gpt2_onnx.errors import Gpt2OnnxError
@@ -73,6 +73,9 @@ def add_export(sub) -> None:
                    help="store a zero point per block (default: symmetric, which measured as accurate and faster)")
     q.add_argument("--lm-head-bits", type=int, choices=[4, 8, 32], default=None,
                    help="bits of the tied embedding / LM head (default: 8 for int8 and int4)")
+    q.add_argument("--int8-kernel", choices=INT8_KERNELS, default=INT8_KERNELS[0],
+                   help="int8 blocks: DynamicQuantizeMatMul (per-channel weights, one activation scale per matrix) or "
+                        "MatMulNBits (8-bit blocks; faster one token at a time, and then comes with the batched graph)")
     q.add_argument("--batched-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="int4: also write an int8 graph for prompts and wide batches, used from the token count "
                         "at which it measured faster (costs the int8 weights' size on disk and in memory)")
@@ -94,7 +97,8 @@ def quant_config(args):
         return QuantConfig.fp16() if args.precision == "fp16" else QuantConfig.fp32()
     symmetric = defaults.symmetric if args.asymmetric is None else not args.asymmetric
     return QuantConfig(args.precision, block_size=args.block_size, symmetric=symmetric,
-                       lm_head_bits=args.lm_head_bits or defaults.lm_head_bits, batched_graph=args.batched_graph)
+                       lm_head_bits=args.lm_head_bits or defaults.lm_head_bits, batched_graph=args.batched_graph,
+                       int8_kernel=args.int8_kernel)
 
 
 def run_export(args) -> None:

@@ -137,3 +137,33 @@ def test_calibrate_times_both_graphs(int4_export):
     assert timing["lengths"] == [1, 8] and set(timing["fastest_ms"]) == {"1", "8"}
     assert all(t > 0 for pair in timing["fastest_ms"].values() for t in pair)
     assert timing["min_tokens"] in (None, 1, 8)
+
+
+def op_counts(model_file) -> dict:
+    import collections
+
+    import onnx
+
+    graph = onnx.load(str(model_file)).graph
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits")
+    return {**collections.Counter(n.op_type for n in graph.node), "bits": bits}
+
+
+def test_the_batched_graph_is_int8_blocks_with_the_same_head(int4_export):
+    layers = Manifest.read(int4_export).n_layer
+    main, wide = op_counts(int4_export / MODEL_FILE), op_counts(int4_export / "batched" / MODEL_FILE)
+    assert main["bits"] == [4] * (4 * layers) + [8] and main.get("DynamicQuantizeMatMul", 0) == 0
+    assert wide["DynamicQuantizeMatMul"] == 4 * layers and wide["bits"] == [8]  # the 8-bit head, as the main graph's
+
+
+def test_int8_on_matmulnbits_from_the_command_line(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "int8-nbits"
+    subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", "export", str(tiny_checkpoint), str(out), "--precision",
+                    "int8", "--int8-kernel", "MatMulNBits", "--skip-quality"], check=True, capture_output=True)
+    manifest = Manifest.read(out)
+    assert manifest.quantization["int8_kernel"] == "MatMulNBits"
+    assert op_counts(out / MODEL_FILE)["bits"] == [8] * (4 * manifest.n_layer + 1)  # blocks and head
+    assert Engine(out).generate("Hello", max_new_tokens=4).token_ids
