@@ -71,6 +71,14 @@ def export_model(source: str, out_dir: str | Path, *, quant: QuantConfig | None 
         q = manifest.quality
         log(f"quality vs PyTorch fp32 over {q['tokens']} tokens: top-1 agreement {q['top1_agreement']:.4f}, "
             f"mean KL {q['mean_kl']:.5f}, perplexity ratio {q['perplexity_ratio']:.4f}")
+    if manifest.batched:
+        b = manifest.batched
+        quality = f"; its top-1 agreement {b['quality']['top1_agreement']:.4f}" if b.get("quality") else ""
+        log(f"batched graph ({b['precision']}, {b['folder']}/) runs passes of {b['min_tokens']}+ tokens, "
+            f"measured here{quality}")
+        if b["min_tokens"] == 1:
+            log("note: the int8 graph was faster at every length on this machine, so every pass runs on it; "
+                "--precision int8 would give the same speed in a smaller folder")
     return ExportResult(out_dir, manifest)
 
 
