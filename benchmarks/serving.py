@@ -2,6 +2,11 @@
 
 Reports aggregate generated tokens/s and request latency p50/p99 per concurrency level, measured from a
 real `gpt2-onnx serve` process on 127.0.0.1 (bounded: a fixed number of requests per client).
+
+    python -m gpt2_onnx.benchmarks.serving MODEL_DIR [--requests 32] [--tokens 12] [--rounds 3]
+
+prints how much faster the same requests finish sent together than one after another (alternating rounds
+on one server): on a tiny model that is the server's per-request and per-token host cost.
 """
 
 from __future__ import annotations
@@ -84,3 +89,40 @@ def _server(folder: Path, threads: int, max_batch: int):
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def concurrency_gain(folder: Path, threads: int, requests: int, new_tokens: int, rounds: int,
+                     prompt_tokens: int = 16) -> list[dict]:
+    """Wall time of `requests` greedy requests sent one after another, then all at once, per round."""
+    vocab = 50000
+    with _server(folder, threads, max_batch=requests) as url:
+        asyncio.run(_load(url, 4, 2, new_tokens, prompt_tokens, vocab))  # warm-up
+        out = []
+        for _ in range(rounds):
+            one_by_one = asyncio.run(_load(url, 1, requests, new_tokens, prompt_tokens, vocab))
+            together = asyncio.run(_load(url, requests, 1, new_tokens, prompt_tokens, vocab))
+            sequential_s = one_by_one["requests"] * new_tokens / one_by_one["tokens_per_s"]
+            concurrent_s = together["requests"] * new_tokens / together["tokens_per_s"]
+            out.append({"sequential_s": round(sequential_s, 3), "concurrent_s": round(concurrent_s, 3),
+                        "gain": round(sequential_s / concurrent_s, 2)})
+        return out
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="requests sent together vs one after another")
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    rounds = concurrency_gain(args.model_dir, args.threads, args.requests, args.tokens, args.rounds)
+    print(json.dumps({"requests": args.requests, "new_tokens": args.tokens, "rounds": rounds,
+                      "median_gain": float(np.median([r["gain"] for r in rounds]))}))
+
+
+if __name__ == "__main__":
+    main()

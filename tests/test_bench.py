@@ -76,6 +76,25 @@ def test_checks_read_ratios_of_named_metrics():
         evaluate(results, "per_token:a < 3")
 
 
+def test_floor_and_serving_terms():
+    results = {"latency": {"a": [{"point": {"prompt": 32, "batch": 1}, "per_token_ms": {"p50": 5.0},
+                                  "prefill_ms": {"median": 9.0}}]},
+               "systems": {"a": {"weight_mb_per_token": 128.0}}, "machine": {"memory_read_gb_per_s": 32.0},
+               "throughput": {"a": [{"point": {"batch": 16}, "decode_tokens_per_s": {"median": 1000.0}}]},
+               "serving": {"system": "a", "levels": [{"clients": 32, "tokens_per_s": 800.0}]}}
+    assert evaluate(results, "per_token:a/floor:a<=1.25")["value"] == 5.0 / 4.0  # 128 MB at 32 GB/s: 4 ms
+    assert evaluate(results, "serving@32:a/throughput@16:a>=0.9") == \
+           {"check": "serving@32:a/throughput@16:a", "op": ">=", "bound": 0.9, "value": 0.8, "holds": False}
+    assert evaluate(results, "serving@8:a>=1")["holds"] is None and evaluate(results, "floor:b>=1")["holds"] is None
+
+
+def test_concurrency_gain_on_a_real_server(tiny_export):
+    from gpt2_onnx.benchmarks.serving import concurrency_gain
+
+    (round_,) = concurrency_gain(tiny_export, threads=1, requests=4, new_tokens=3, rounds=1)
+    assert round_["sequential_s"] > 0 and round_["concurrent_s"] > 0 and round_["gain"] > 0
+
+
 def test_bad_bench_arguments_exit_2():
     done = subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", "bench", "--systems", "engine-fp32,vllm"],
                           capture_output=True, text=True, timeout=120)
