@@ -51,7 +51,9 @@ class Engine:
         self.provider = provider
         self._seeds = np.random.default_rng()
         self.session = create_session(self.model_dir, provider, threads)
-        batched = self.manifest.batched
+        # the batched graph's int8 kernel (DynamicQuantizeMatMul) is a CPU kernel and its threshold was timed on
+        # the CPU: on CUDA every pass runs on the main graph
+        batched = self.manifest.batched if provider == "cpu" else {}
         self.batched_session = create_session(self.model_dir / batched["folder"], provider, threads) if batched else None
         self.batched_min_tokens = batched_min_tokens if batched_min_tokens is not None else batched.get("min_tokens")
 

@@ -17,6 +17,8 @@ from gpt2_onnx.export import QuantConfig, export_model
 from gpt2_onnx.export import batched as batched_module
 from gpt2_onnx.export.batched import calibrate, threshold, wants_batched_graph
 
+from .conftest import requires_cuda
+
 
 def fixed_timing(min_tokens):
     def fake(engine, *args, **kwargs):
@@ -167,3 +169,9 @@ def test_int8_on_matmulnbits_from_the_command_line(tiny_checkpoint, tmp_path):
     assert manifest.quantization["int8_kernel"] == "MatMulNBits"
     assert op_counts(out / MODEL_FILE)["bits"] == [8] * (4 * manifest.n_layer + 1)  # blocks and head
     assert Engine(out).generate("Hello", max_new_tokens=4).token_ids
+
+
+@requires_cuda
+def test_on_cuda_every_pass_runs_on_the_main_graph(int4_export):
+    engine = Engine(int4_export, provider="cuda")
+    assert engine.batched_session is None and engine.new_decoder().batched is None
