@@ -115,7 +115,8 @@ class SharedBufferDecoder:
         self.step_seqlens = np.zeros(capacity, np.int32)
         self.step_total = np.zeros((), np.int32)
         self.step_logits = np.zeros((capacity, 1, self.manifest.vocab_size), np.float32)
-        self.step_bindings: dict[int, ort.IOBinding] = {}  # one per batch size, made when first needed
+        # one (graph, binding) per batch size, made when first needed
+        self.step_bindings: dict[int, tuple[ort.InferenceSession, ort.IOBinding]] = {}
 
     def session_for(self, tokens: int) -> ort.InferenceSession:
         """The graph for a pass over `tokens` tokens in all."""
@@ -155,8 +156,10 @@ class SharedBufferDecoder:
         if n not in self.step_bindings:
             inputs = [self.step_ids[:n], self.step_positions[:n], self.step_seqlens[:n], self.step_total,
                       np.array([-1], np.int64)]
-            self.step_bindings[n] = self._binding(self.session_for(n), n, 0, inputs, self.step_logits[:n])
-        self.session_for(n).run_with_iobinding(self.step_bindings[n])
+            session = self.session_for(n)
+            self.step_bindings[n] = session, self._binding(session, n, 0, inputs, self.step_logits[:n])
+        session, binding = self.step_bindings[n]
+        session.run_with_iobinding(binding)
         return self.step_logits[:n, 0]
 
     def remove(self, row: int) -> None:

@@ -37,9 +37,7 @@ class ContextTooLong(Gpt2OnnxError):
 
 class Engine:
     def __init__(self, model_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-                 manifest: Manifest | None = None, batched_min_tokens: int | None = None) -> None:
-        """`batched_min_tokens`: passes of at least this many tokens run on the export's batched graph
-        (default: the threshold the export measured; a huge number turns the batched graph off)."""
+                 manifest: Manifest | None = None) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             what = "is a file, not a folder" if self.model_dir.exists() else "does not exist"
@@ -55,7 +53,7 @@ class Engine:
         # the CPU: on CUDA every pass runs on the main graph
         batched = self.manifest.batched if provider == "cpu" else {}
         self.batched_session = create_session(self.model_dir / batched["folder"], provider, threads) if batched else None
-        self.batched_min_tokens = batched_min_tokens if batched_min_tokens is not None else batched.get("min_tokens")
+        self.batched_min_tokens = batched.get("min_tokens")  # another threshold: `batched_from`
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -104,9 +102,10 @@ class Engine:
 
     def batched_from(self, min_tokens: int | None) -> Engine:
         """This engine, same sessions, with passes of `min_tokens`+ tokens on the batched graph (None: none, so
-        everything runs on the main graph; 1: all). For measuring each graph on its own."""
+        everything runs on the main graph; 1: all). To measure each graph on its own, or to override the
+        threshold the export measured on another machine."""
         other = copy.copy(self)
-        other.batched_min_tokens = min_tokens if self.batched_session is not None else None
+        other.batched_min_tokens = min_tokens
         return other
 
     def new_decoder(self) -> ConcatCacheDecoder | SharedBufferDecoder:

@@ -112,15 +112,13 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
             write_attention_graph(checkpoint.model, work)
     checkpoint.model.config.save_pretrained(work)
     checkpoint.tokenizer.save_pretrained(work)
-    batched = {}
-    if with_batched:
-        with stages("batched", "int8 graph for prompts and wide batches, then timed against the main graph"):
-            bare = Manifest.for_graph(graph, quant.precision, checkpoint.model.config.to_dict())
-            batched = add_batched_graph(checkpoint.model, work, quant, bare, log)
     manifest = Manifest.for_graph(graph, quant.precision, checkpoint.model.config.to_dict(), source=source,
                                   source_kind=checkpoint.kind,
-                                  quantization={**asdict(quant), "max_weight_error": max_weight_error},
-                                  batched=batched)
+                                  quantization={**asdict(quant), "max_weight_error": max_weight_error})
+    if with_batched:
+        with stages("batched", "int8 graph for prompts and wide batches, then timed against the main graph"):
+            manifest = replace(manifest, batched=add_batched_graph(checkpoint.model, work, quant, manifest, log))
+    batched = manifest.batched
     with stages("check", "onnx.checker, then parity with PyTorch"):
         for folder in [work] + ([work / BATCHED_FOLDER] if batched else []):
             _check_graph(folder / MODEL_FILE)
