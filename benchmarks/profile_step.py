@@ -25,6 +25,8 @@ from gpt2_onnx.engine.decoders import SharedBufferDecoder
 from gpt2_onnx.engine.manifest import MODEL_FILE, Manifest
 from gpt2_onnx.engine.session import session_options
 
+WARMUP = 8  # decode steps before timing
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -57,10 +59,7 @@ def main() -> None:
         for prompt in prompts[1:]:
             decoder.add(prompt)
     tokens = np.zeros(args.batch, np.int64)
-    for _ in range(8):  # warm-up
-        decoder.decode(tokens)
-    if args.profile:
-        session.end_profiling()  # discard the warm-up; the real profile is started below
+    if args.profile:  # a profiling session of its own, so the profile holds only what is reported
         options.enable_profiling = True
         options.profile_file_prefix = "/tmp/profile_step"
         session = ort.InferenceSession(str(args.model_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
@@ -68,19 +67,24 @@ def main() -> None:
         decoder.allocate(args.batch, max_length)
         for prompt in prompts:
             decoder.add(prompt)
-        for _ in range(8):
-            decoder.decode(tokens)
-    steps = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        decoder.decode(tokens)
-        steps.append(time.perf_counter() - start)
-    step_ms = float(np.median(steps) * 1e3)
+    step_ms = median_step_ms(decoder, tokens, args.steps)
     print(json.dumps({"model": str(args.model_dir), "batch": args.batch, "config": args.config,
                       "prefill_ms": round(min(prefill) * 1e3, 2), "step_ms": round(step_ms, 3),
                       "tok_s": round(args.batch / step_ms * 1e3, 1)}))
     if args.profile:
-        report(Path(session.end_profiling()), args.steps + 8 + len(prompts))
+        report(Path(session.end_profiling()), args.steps + WARMUP + len(prompts))
+
+
+def median_step_ms(decoder, tokens: np.ndarray, steps: int, warmup: int = WARMUP) -> float:
+    """`warmup` decode steps, then the median of `steps` timed ones, in ms."""
+    for _ in range(warmup):
+        decoder.decode(tokens)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        decoder.decode(tokens)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
 
 
 def report(path: Path, runs: int) -> None:

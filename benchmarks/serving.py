@@ -56,7 +56,7 @@ async def _load(url: str, clients: int, per_client: int, new_tokens: int, prompt
         await asyncio.gather(*(client(session) for _ in range(clients)))
         wall = time.perf_counter() - start
     return {"clients": clients, "requests": len(latencies), "new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
-            "tokens_per_s": tokens / wall, "latency_s": {"p50": float(np.percentile(latencies, 50)),
+            "wall_s": wall, "tokens_per_s": tokens / wall, "latency_s": {"p50": float(np.percentile(latencies, 50)),
                                                           "p99": float(np.percentile(latencies, 99))}}
 
 
@@ -99,10 +99,8 @@ def concurrency_gain(folder: Path, threads: int, requests: int, new_tokens: int,
         asyncio.run(_load(url, 4, 2, new_tokens, prompt_tokens, vocab))  # warm-up
         out = []
         for _ in range(rounds):
-            one_by_one = asyncio.run(_load(url, 1, requests, new_tokens, prompt_tokens, vocab))
-            together = asyncio.run(_load(url, requests, 1, new_tokens, prompt_tokens, vocab))
-            sequential_s = one_by_one["requests"] * new_tokens / one_by_one["tokens_per_s"]
-            concurrent_s = together["requests"] * new_tokens / together["tokens_per_s"]
+            sequential_s = asyncio.run(_load(url, 1, requests, new_tokens, prompt_tokens, vocab))["wall_s"]
+            concurrent_s = asyncio.run(_load(url, requests, 1, new_tokens, prompt_tokens, vocab))["wall_s"]
             out.append({"sequential_s": round(sequential_s, 3), "concurrent_s": round(concurrent_s, 3),
                         "gain": round(sequential_s / concurrent_s, 2)})
         return out

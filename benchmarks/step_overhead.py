@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,18 +24,12 @@ NARROW = dict(n_layer=12, n_head=12, n_embd=96)
 def step_ms(model_dir: Path, threads: int, steps: int) -> float:
     from gpt2_onnx.engine import Engine
 
+    from .profile_step import WARMUP, median_step_ms
+
     decoder = Engine(model_dir, threads=threads).batched_from(None).new_decoder()
-    decoder.allocate(1, 64 + steps)
+    decoder.allocate(1, 32 + WARMUP + steps)
     decoder.add(list(range(32)))
-    tokens = np.zeros(1, np.int64)
-    for _ in range(8):  # warm-up
-        decoder.decode(tokens)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        decoder.decode(tokens)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    return median_step_ms(decoder, np.zeros(1, np.int64), steps)
 
 
 def main() -> None:
