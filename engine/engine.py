@@ -25,7 +25,7 @@ from .config import GenerationConfig, GenerationResult
 from .decoders import ConcatCacheDecoder, SharedBufferDecoder
 from .detokenize import IncrementalText
 from .loop import Batch, Row
-from .manifest import Manifest
+from .manifest import BATCHED_FOLDER, Manifest
 from .session import create_session, load_tokenizer
 
 Prompt = str | Sequence[int]
@@ -52,7 +52,8 @@ class Engine:
         # the batched graph's int8 kernel (DynamicQuantizeMatMul) is a CPU kernel and its threshold was timed on
         # the CPU: on CUDA every pass runs on the main graph
         batched = self.manifest.batched if provider == "cpu" else {}
-        self.batched_session = create_session(self.model_dir / batched["folder"], provider, threads) if batched else None
+        # always the fixed folder inside the export, whatever the manifest's text says: never a path from outside it
+        self.batched_session = create_session(self.model_dir / BATCHED_FOLDER, provider, threads) if batched else None
         self.batched_min_tokens = batched.get("min_tokens")  # another threshold: `batched_from`
 
     # -- public API -------------------------------------------------------------------------------

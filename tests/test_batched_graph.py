@@ -56,6 +56,16 @@ def test_export_writes_checks_and_describes_the_batched_graph(int4_export):
     assert not Manifest.read(int4_export).verify(int4_export)
 
 
+def test_a_manifest_cannot_point_the_batched_graph_outside_the_export(int4_export, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(int4_export, tmp_path / "copy")
+    data = json.loads((copy / MANIFEST).read_text())
+    data["batched"]["folder"] = str(tmp_path / "elsewhere")  # a hand-edited (or hostile) manifest
+    (copy / MANIFEST).write_text(json.dumps(data))
+    assert Engine(copy).batched_session is not None  # loaded from copy/batched, the only place it can be
+
+
 def test_a_truncated_batched_graph_is_refused_at_load(int4_export, tmp_path):
     import shutil
 
