@@ -112,8 +112,8 @@ class GenerationConfig:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids named by the options exist in the model's vocabulary (known only once a model is)."""
-        for name in ("logit_bias", "stop_token_ids"):
-            ids = [t for t, _ in self.logit_bias or ()] if name == "logit_bias" else list(self.stop_token_ids or ())
+        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias or ()]),
+                          ("stop_token_ids", list(self.stop_token_ids or ()))):
             if ids and max(ids) >= vocab_size:
                 raise ConfigError(name, f"token id {max(ids)} is not in the model's vocabulary [0, {vocab_size})")
 

@@ -37,7 +37,8 @@ def escape(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+def labels_text(labels: tuple[tuple[str, str], ...]) -> str:
+    """`{k="v",...}` (escaped), or nothing without labels."""
     return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels) + "}" if labels else ""
 
 
@@ -66,7 +67,7 @@ class Metrics:
                 if name not in typed:
                     lines.append(f"# TYPE {prefix}_{name} counter")
                     typed.add(name)
-                lines.append(f"{prefix}_{name}{_labels(labels)} {value:g}")
+                lines.append(f"{prefix}_{name}{labels_text(labels)} {value:g}")
             for name, read in self.gauges.items():
                 lines += [f"# TYPE {prefix}_{name} gauge", f"{prefix}_{name} {read():g}"]
             for name, histogram in self.histograms.items():

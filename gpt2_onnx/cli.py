@@ -16,9 +16,9 @@ from contextlib import contextmanager
 
 from gpt2_onnx.engine.config import GenerationConfig, user_options
 from gpt2_onnx.engine.manifest import GRAPHS, INT8_KERNELS, PRECISIONS
-from gpt2_onnx.engine.scheduler import SchedulerConfig
 from gpt2_onnx.engine.session import PROVIDERS
 from gpt2_onnx.errors import Gpt2OnnxError
+from gpt2_onnx.serve.config import ServerConfig  # fastapi-free: --help works on any install
 
 
 class Help(argparse.HelpFormatter):
@@ -196,17 +196,17 @@ def run_generate(args) -> None:
 
 
 def add_serve(sub) -> None:
-    d = SchedulerConfig()
+    d = ServerConfig()
     p = _parser(sub, "serve", "an OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("model_dir", help="a folder written by `gpt2-onnx export` (the default fast graph)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=d.host, help="interface to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--max-batch", type=positive(int), default=d.max_batch, help="requests decoded together")
     p.add_argument("--max-queue", type=positive(int), default=d.max_queue,
                    help="rows waiting for a slot; a request that would pass it gets HTTP 429")
-    p.add_argument("--max-body", type=positive(int), default=4 * 1024 * 1024, help="largest request body, bytes")
-    p.add_argument("--max-rows-per-request", type=positive(int), default=64, help="prompts x n in one request")
-    p.add_argument("--request-timeout", type=positive(float), default=600.0, help="seconds before a request is ended")
+    p.add_argument("--max-body", type=positive(int), default=d.max_body_bytes, help="largest request body, bytes")
+    p.add_argument("--max-rows-per-request", type=positive(int), default=d.max_rows_per_request, help="prompts x n in one request")
+    p.add_argument("--request-timeout", type=positive(float), default=d.request_timeout_s, help="seconds before a request is ended")
     p.add_argument("--api-key", default=os.environ.get("GPT2_ONNX_API_KEY"),
                    help="require `Authorization: Bearer KEY` (default: $GPT2_ONNX_API_KEY, else no key)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the folder's name)")
@@ -224,7 +224,7 @@ def run_serve(args) -> None:
     from pathlib import Path
 
     with needs_extra("serve", "serving"):
-        from gpt2_onnx.serve.app import ServerConfig, serve
+        from gpt2_onnx.serve.app import serve
     if args.verify:
         from gpt2_onnx.engine.manifest import Manifest
 

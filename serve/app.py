@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -25,26 +24,10 @@ from gpt2_onnx.engine import Engine
 from gpt2_onnx.engine.scheduler import Scheduler, SchedulerConfig
 
 from .completion import Limits, submit
+from .config import ServerConfig
 from .guard import Guard, GuardConfig
-from .openai_api import ApiError, CompletionRequest
+from .openai_api import ApiError, CompletionRequest, check_model
 from .routes_extra import add_extra_routes
-
-DEFAULTS = SchedulerConfig()
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"  # loopback unless asked: the server has no TLS
-    port: int = 8000
-    max_batch: int = DEFAULTS.max_batch
-    max_queue: int = DEFAULTS.max_queue
-    api_key: str | None = None
-    model_name: str | None = None  # default: the model folder's name
-    graceful_shutdown_s: float = 10.0  # in-flight requests get this long to finish, then are cancelled
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_rows_per_request: int = 64  # prompts x n
-    request_timeout_s: float = 600.0
-
 
 def create_app(engine: Engine, config: ServerConfig = ServerConfig(),
                metrics_text: Callable[[], Awaitable[str]] | None = None) -> FastAPI:
@@ -106,9 +89,7 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(),
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        if body.model not in (None, model_name):
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
-                           "model", code="model_not_found")
+        check_model(body.model, model_name)
         if not scheduler.alive:
             raise ApiError(503, scheduler.death or "the server is shutting down", kind="server_error",
                            code="unavailable")

@@ -62,7 +62,10 @@ async def submit(engine: Engine, scheduler: Scheduler, body: CompletionRequest, 
     except Unavailable as exc:
         raise ApiError(503, str(exc), kind="server_error", code="unavailable") from None
     scheduler.metrics.count("completion_requests_total")
-    prompt_texts = [engine.tokenizer.decode(job.row.prompt) for job in jobs] if body.echo else None
+    prompt_texts = None
+    if body.echo:  # each prompt decoded once, repeated for its n choices
+        per_prompt = [engine.tokenizer.decode(job.row.prompt) for job in jobs[:: body.rows_per_prompt]]
+        prompt_texts = [text for text in per_prompt for _ in range(body.rows_per_prompt)]
     return Completion(new_id(), model, body, jobs, events, engine.tokenizer.decode, scheduler, limits, prompt_texts)
 
 
@@ -81,15 +84,17 @@ def _check_text(prompt, n_positions: int) -> None:
 def _jobs(engine: Engine, body: CompletionRequest, prompts: list, config, emit) -> list[Job]:
     jobs = []
     for i, prompt in enumerate(prompts):
-        for j in range(body.rows_per_prompt):
-            try:
-                row = engine.new_row(prompt, config, seed_offset=j, logprobs=body.row_logprobs,
-                                     score_prompt=body.echo and body.logprobs is not None)
-            except ContextTooLong as exc:
-                raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens"), "max_tokens") from None
-            except Gpt2OnnxError as exc:
-                raise ApiError(400, str(exc), "prompt") from None
-            jobs.append(Job(row, emit, index=i * body.rows_per_prompt + j, stream=bool(body.stream)))
+        try:
+            ids = engine.encode(prompt)  # once per prompt, whatever its n
+            rows = [engine.new_row(ids, config, seed_offset=j, logprobs=body.row_logprobs,
+                                   score_prompt=body.echo and body.logprobs is not None)
+                    for j in range(body.rows_per_prompt)]
+        except ContextTooLong as exc:
+            raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens"), "max_tokens") from None
+        except Gpt2OnnxError as exc:
+            raise ApiError(400, str(exc), "prompt") from None
+        jobs += [Job(row, emit, index=i * body.rows_per_prompt + j, stream=bool(body.stream))
+                 for j, row in enumerate(rows)]
     return jobs
 
 

@@ -135,6 +135,13 @@ class CompletionRequest(create_model("_Completion", __base__=_StandardRequest, *
         return list(prompt)
 
 
+def check_model(requested: str | None, served: str) -> None:
+    """OpenAI's 404 for a model this server does not serve (absent means the served one)."""
+    if requested not in (None, served):
+        raise ApiError(404, f"the model {requested!r} does not exist; this server serves {served!r}", "model",
+                       code="model_not_found")
+
+
 _ID_PREFIX = uuid.uuid4().hex[:12]  # per process: replicas behind one proxy never collide
 _ID_COUNTER = itertools.count()
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gpt2_onnx.engine.metrics import Histogram, Metrics, escape
+from gpt2_onnx.engine.metrics import Histogram, Metrics, escape, labels_text
 
 PUSH_PERIOD_S = 0.5
 STALE_S = 10.0
@@ -76,19 +76,16 @@ def _per_replica(snapshots: list[Snapshot], prefix: str) -> list[str]:
               for s in snapshots]
     series: dict[str, list[str]] = {}
     for s in snapshots:
+        replica = ("replica", s.replica)
         for (name, labels), value in sorted(s.counters.items()):
-            series.setdefault(f"counter {name}", []).append(f"{prefix}_{name}{_labels(s.replica, labels)} {value:g}")
+            series.setdefault(f"counter {name}", []).append(f"{prefix}_{name}{labels_text((replica, *labels))} {value:g}")
         for name, value in s.gauges.items():
-            series.setdefault(f"gauge {name}", []).append(f"{prefix}_{name}{_labels(s.replica, ())} {value:g}")
+            series.setdefault(f"gauge {name}", []).append(f"{prefix}_{name}{labels_text((replica,))} {value:g}")
     for kind_name, samples in series.items():
         kind, name = kind_name.split(" ")
         lines += [f"# TYPE {prefix}_{name} {kind}", *samples]
     return lines
 
-
-def _labels(replica: str, labels: tuple[tuple[str, str], ...]) -> str:
-    pairs = (("replica", replica), *labels)
-    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in pairs) + "}"
 
 
 class Board:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gpt2_onnx.engine import Engine
 from gpt2_onnx.errors import Gpt2OnnxError
 
-from .openai_api import ApiError
+from .openai_api import ApiError, check_model
 
 STATIC = Path(__file__).parent / "static"
 MAX_TOKENIZE_CHARS = 1_000_000  # a document to window for rolling log-likelihood may exceed the context
@@ -57,11 +57,6 @@ def add_extra_routes(app: FastAPI, engine: Engine, model_name: str) -> None:
     """Register the routes above on the server's app."""
     tokenizer, manifest = engine.tokenizer, engine.manifest
 
-    def check_model(body: _Request) -> None:
-        if body.model not in (None, model_name):
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
-                           "model", code="model_not_found")
-
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
         eos = tokenizer.id_to_token(manifest.eos_token_id)
@@ -72,13 +67,13 @@ def add_extra_routes(app: FastAPI, engine: Engine, model_name: str) -> None:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
-        check_model(body)
+        check_model(body.model, model_name)
         encoding = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": encoding.ids, "count": len(encoding.ids), "max_model_len": manifest.n_positions}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        check_model(body)
+        check_model(body.model, model_name)
         bad = [t for t in body.tokens if not 0 <= t < manifest.vocab_size]
         if bad:
             raise ApiError(400, f"tokens: {bad[0]} is not a token id of this model (ids are in "
@@ -91,7 +86,7 @@ def add_extra_routes(app: FastAPI, engine: Engine, model_name: str) -> None:
 
     @app.post("/attention")
     async def attention(body: AttentionRequest) -> dict:
-        check_model(body)
+        check_model(body.model, model_name)
         if body.layer >= manifest.n_layer or body.head >= manifest.n_head:
             raise ApiError(400, f"layer must be in [0, {manifest.n_layer}) and head in [0, {manifest.n_head})",
                            "layer" if body.layer >= manifest.n_layer else "head")

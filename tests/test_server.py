@@ -151,6 +151,16 @@ def test_echo_and_logprobs_match_pytorch(client, engine):
         assert len(top) == 3 and max(top, key=top.get) == token  # greedy picks the most likely
 
 
+def test_echo_with_several_prompts_and_choices(client, engine):
+    """Each choice starts with its own prompt (prompts are tokenized and echoed once each, whatever their n)."""
+    prompts = [PROMPTS[1], PROMPTS[2]]
+    answer = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=3, echo=True, temperature=0)
+    assert len(answer.choices) == 6
+    for choice in answer.choices:
+        prompt = prompts[choice.index // 3]
+        assert choice.text == prompt + engine.generate(prompt, max_new_tokens=3).text
+
+
 def _torch_model(engine):
     from transformers import GPT2LMHeadModel
 
