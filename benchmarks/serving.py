@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,29 +62,33 @@ async def _load(url: str, clients: int, per_client: int, new_tokens: int, prompt
 
 
 @contextlib.contextmanager
-def _server(folder: Path, threads: int, max_batch: int):
+def _server(folder: Path, threads: int, max_batch: int, flags: tuple[str, ...] = (), startup_s: float = 120):
+    """A `gpt2-onnx serve` process on a free port (with `flags`, e.g. --ray); its URL once /health answers."""
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = tempfile.TemporaryFile()  # not a pipe: a chatty server (Ray) would fill it and block
     process = subprocess.Popen([sys.executable, "-m", "gpt2_onnx.cli", "serve", str(folder), "--port", str(port),
-                                "--threads", str(threads), "--max-batch", str(max_batch)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                "--threads", str(threads), "--max-batch", str(max_batch), *flags],
+                               stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + startup_s
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {process.stderr.read().strip()[-500:]}")
+                log.seek(0)
+                raise RuntimeError(f"the server exited: {log.read().decode(errors='replace').strip()[-500:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError("the server did not come up within 120 s")
+                raise RuntimeError(f"the server did not come up within {startup_s:g} s")
             time.sleep(0.2)
         yield url
     finally:
+        log.close()
         process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout=30)

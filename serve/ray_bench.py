@@ -11,53 +11,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from gpt2_onnx.benchmarks.serving import _load
+from gpt2_onnx.benchmarks.serving import _load, _server
 from gpt2_onnx.engine.manifest import Manifest
 
-SYSTEMS = {"plain, 2 threads": ("2", []), "ray, 1 replica x 2 threads": ("2", ["--ray", "--replicas", "1"]),
-           "ray, 2 replicas x 1 thread": ("1", ["--ray", "--replicas", "2"])}  # name -> (threads, flags)
+SYSTEMS = {"plain, 2 threads": (2, []), "ray, 1 replica x 2 threads": (2, ["--ray", "--replicas", "1"]),
+           "ray, 2 replicas x 1 thread": (1, ["--ray", "--replicas", "2"])}  # name -> (threads, flags)
 LOADS = ((1, 20, 1), (1, 6, 64), (8, 4, 64), (32, 2, 64))  # (clients, requests per client, new tokens)
 
 
 @contextlib.contextmanager
-def server(model_dir: str, threads: str, args: list[str], port: int):
-    process = subprocess.Popen([sys.executable, "-m", "gpt2_onnx.cli", "serve", model_dir, "--port", str(port),
-                                "--threads", threads, "--max-batch", "32", *args],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "the server exited"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.5)
+def server(model_dir: str, threads: int, flags: list[str]):
+    with _server(Path(model_dir), threads, max_batch=32, flags=tuple(flags), startup_s=180) as url:
         time.sleep(3)  # every replica up (serve.run returns once all are running; health answers earlier)
         httpx.post(f"{url}/v1/completions", json={"prompt": "warm", "max_tokens": 8}, timeout=60)
         yield url
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=90)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
-    parser.add_argument("--port", type=int, default=8311)
     args = parser.parse_args(argv)
     vocab = Manifest.read(Path(args.model_dir)).vocab_size
     print("| system | clients | requests | new tokens | tokens/s | p50 s | p99 s |\n|---|---|---|---|---|---|---|")
     for name, (threads, flags) in SYSTEMS.items():
-        with server(args.model_dir, threads, flags, args.port) as url:
+        with server(args.model_dir, threads, flags) as url:
             for clients, per_client, new_tokens in LOADS:
                 r = asyncio.run(_load(url, clients, per_client, new_tokens, 32, vocab))
                 print(f"| {name} | {clients} | {r['requests']} | {new_tokens} | {r['tokens_per_s']:.0f} | "
