@@ -22,9 +22,11 @@ import numpy as np
 from gpt2_onnx.errors import Gpt2OnnxError, first_line
 
 from .exports import ExportCache
+from .fidelity import greedy_agreement
 from .llamacpp import PRECISIONS, gguf_model, llama_cpp
 from .llamacpp_bench import tool_results
 from .measure import Point, prompt_ids
+from .report import agreement_text, cell
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,8 @@ def greedy_parity(system, checkpoint: Path, prompt: np.ndarray, new_tokens: int)
                               min_new_tokens=new_tokens, pad_token_id=model.config.eos_token_id)[0, ids.shape[1]:]
         logits = model(ids).logits[0, -1].numpy()
     got = system.run(prompt, new_tokens, logits=True)
-    differs = np.flatnonzero(got.tokens[0] != want.numpy())
-    return {"identical": not differs.size, "first_difference": int(differs[0]) if differs.size else None,
-            "tokens": new_tokens, "max_abs_logit_diff": float(np.abs(system.first_logits - logits).max())}
+    agreement = greedy_agreement({"pytorch": want.numpy(), "llama": got.tokens[0]})["llama"]
+    return {**agreement, "max_abs_logit_diff": float(np.abs(system.first_logits - logits).max())}
 
 
 def run_peer(config: PeerConfig, log=print) -> dict:
@@ -93,18 +94,13 @@ def markdown(results: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for precision, r in results["precisions"].items():
         parity = r["parity"]
-        agree = "yes" if parity["identical"] else f"no (from token {parity['first_difference']})"
-        cells = ([f"llamacpp-{precision}", f"{r['file_mb']:.1f}"] + [_spread(x["prefill_ms"], 1) for x in r["latency"]]
-                 + [_spread(x["per_token_ms"], 2) for x in r["latency"]]
-                 + [_spread(x["decode_tokens_per_s"], 0) for x in r["throughput"]]
-                 + [agree, f"{parity['max_abs_logit_diff']:.2e}"])
+        cells = ([f"llamacpp-{precision}", f"{r['file_mb']:.1f}"] + [cell(x, "prefill_ms") for x in r["latency"]]
+                 + [cell(x, "per_token_ms", digits=2) for x in r["latency"]]
+                 + [cell(x, "decode_tokens_per_s", digits=0) for x in r["throughput"]]
+                 + [agreement_text(parity), f"{parity['max_abs_logit_diff']:.2e}"])
         lines.append("| " + " | ".join(cells) + " |")
     commands = [c for r in results["precisions"].values() for c in r["commands"]]
     return "\n".join(lines + ["", "Commands:", *[f"    {c}" for c in commands]])
-
-
-def _spread(s: dict, digits: int) -> str:
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
 def main(argv: list[str] | None = None) -> int:

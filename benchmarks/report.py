@@ -91,7 +91,12 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cell(summary: dict | None, key: str, sub: str = "median", digits: int = 1) -> str:
+def agreement_text(agreement: dict) -> str:
+    """A `greedy_agreement` entry as a table cell."""
+    return "yes" if agreement["identical"] else f"no (from token {agreement['first_difference']})"
+
+
+def cell(summary: dict | None, key: str, sub: str = "median", digits: int = 1) -> str:
     if not summary or key not in summary:
         return "–"
     s = summary[key]
@@ -113,9 +118,9 @@ def _latency_table(results: dict) -> list[str]:
     for name, rows in latency.items():
         by_prompt = {r["point"]["prompt"]: r for r in rows}
         head = by_prompt.get(first, {})
-        cells = [_cell(head, "prefill_ms"),
-                 f"{_cell(head, 'per_token_ms', 'p50', 2)} / {_cell(head, 'per_token_ms', 'p90', 2)}"]
-        cells += [f"{_cell(by_prompt[p], 'per_token_ms', 'p50', 2)} / {by_prompt[p]['prefill_ms']['median']:.1f}"
+        cells = [cell(head, "prefill_ms"),
+                 f"{cell(head, 'per_token_ms', 'p50', 2)} / {cell(head, 'per_token_ms', 'p90', 2)}"]
+        cells += [f"{cell(by_prompt[p], 'per_token_ms', 'p50', 2)} / {by_prompt[p]['prefill_ms']['median']:.1f}"
                   if p in by_prompt else "–" for p in prompts[1:]]
         cells.append(_num(head.get("weight_gb_per_s"), 1))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -131,7 +136,7 @@ def _throughput_table(results: dict) -> list[str]:
              "| system | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---" * (1 + len(batches)) + "|"]
     for name, rows in throughput.items():
         by_batch = {r["point"]["batch"]: r for r in rows}
-        lines.append(f"| {name} | " + " | ".join(_cell(by_batch.get(b), "decode_tokens_per_s", digits=0)
+        lines.append(f"| {name} | " + " | ".join(cell(by_batch.get(b), "decode_tokens_per_s", digits=0)
                                                  for b in batches) + " |")
     return lines + [""]
 
@@ -174,7 +179,7 @@ def _parity_table(results: dict) -> list[str]:
              "|---|---|---|---|---|---|"]
     for name in results.get("systems", {}):
         g, e = greedy.get(name), engines.get(name, {})
-        same = "–" if g is None else ("yes" if g["identical"] else f"no (from token {g['first_difference']})")
+        same = "–" if g is None else agreement_text(g)
         q = e.get("quality", {})
         lines.append(f"| {name} | {same} | {_num(e.get('logits', {}).get('max_abs_logit_diff'), 2, 'e')} | "
                      f"{_num(q.get('top1_agreement'), 4)} | {_num(q.get('mean_kl'), 5)} | {_num(q.get('perplexity_ratio'), 4)} |")

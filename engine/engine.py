@@ -48,6 +48,7 @@ class Engine:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.provider = provider
         self._seeds = np.random.default_rng()
+        self._attention_graph: AttentionGraph | None = None  # loaded on first use (attention.onnx is optional)
         self.session = create_session(self.model_dir, provider, threads)
         # the batched graph's int8 kernel (DynamicQuantizeMatMul) is a CPU kernel and its threshold was timed on
         # the CPU: on CUDA every pass runs on the main graph
@@ -139,7 +140,7 @@ class Engine:
         if len(ids) > self.manifest.n_positions:
             raise ContextTooLong(f"the prompt has {len(ids)} tokens; the model's context is "
                                  f"{self.manifest.n_positions}")
-        if getattr(self, "_attention_graph", None) is None:
+        if self._attention_graph is None:
             self._attention_graph = AttentionGraph(self.model_dir)
         return attention_maps(self._attention_graph, self.tokenizer, ids)
 
