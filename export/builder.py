@@ -68,6 +68,10 @@ class GraphWriter:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None, **attrs))
         return outputs
 
+    def one(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
+        """`op` for a node with one output: its name."""
+        return self.op(op_type, inputs, name, **attrs)[0]
+
     def linear(self, name: str, x: str, weight_kn: np.ndarray, bias: np.ndarray | None = None) -> str:
         """x @ W (+ bias) at the block precision: MatMul, DynamicQuantizeMatMul (int8) or MatMulNBits (int4)."""
         k, n = weight_kn.shape
@@ -164,8 +168,8 @@ def build_graph(weights: Mapping[str, np.ndarray], shape: GraphShape, quant: Qua
     # [B, S, E] -> [B, N, E]: the LM head runs only where logits are asked for (the last position while
     # generating; every position when prompt log-probabilities are wanted)
     picked = g.op("Gather", [h, "logits_positions"], "/model/logits_positions/Gather", axis=1)[0]
-    logits = g.to_residual(lm_head(g.to_compute(picked, "/lm_head")), "/lm_head")  # logits are fp32 for every precision
-    g.nodes[-1].output[0] = "logits"
+    g.to_residual(lm_head(g.to_compute(picked, "/lm_head")), "/lm_head")  # logits are fp32 for every precision
+    g.nodes[-1].output[0] = "logits"  # the last node's output is the graph's
     return _model(g, shape), g.max_weight_error
 
 

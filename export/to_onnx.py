@@ -70,11 +70,11 @@ def untie_lm_head_copy(model: onnx.ModelProto) -> None:
         return
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save in one file, or with one external data file beside it when over protobuf's limit."""
+def save_model(model: onnx.ModelProto, path: Path, location: str = EXTERNAL_DATA_FILE) -> None:
+    """Save in one file, or with one external data file (`location`, beside it) when over protobuf's limit."""
     if weight_bytes(model) > PROTOBUF_LIMIT:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+                        location=location, size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
 
@@ -100,6 +100,13 @@ class _quiet_loggers:
             logging.getLogger(name).setLevel(level)
 
 
+def numpy_weights(model) -> dict[str, np.ndarray]:
+    """GPT2LMHeadModel's state dict as fp32 numpy (views, not copies), without the `transformer.` prefix and
+    the causal-mask buffers."""
+    return {name.removeprefix("transformer."): tensor.detach().float().numpy()
+            for name, tensor in model.state_dict().items() if not name.endswith(".attn.bias")}
+
+
 def export_fast_graph(model, work_dir: Path, quant) -> tuple[Path, float]:
     """Write the op-by-op fast graph (see builder.py) at `quant`'s precision; returns its path and the
     quantizer's max weight error.
@@ -111,8 +118,7 @@ def export_fast_graph(model, work_dir: Path, quant) -> tuple[Path, float]:
     from .builder import GraphShape, build_graph
     from .external_data import ExternalDataWriter, save_embedded
 
-    weights = {name.removeprefix("transformer."): tensor.detach().float().numpy()  # fp32: views, not copies
-               for name, tensor in model.state_dict().items() if not name.endswith(".attn.bias")}
+    weights = numpy_weights(model)
     with ExternalDataWriter(work_dir) as data:
         graph, max_error = build_graph(weights, GraphShape.from_config(model.config), quant, store=data.tensor,
                                        progress=True)
