@@ -21,7 +21,7 @@ import numpy as np
 from gpt2_onnx.errors import Gpt2OnnxError
 
 from .llamacpp import LlamaCpp
-from .measure import Point
+from .measure import Point, spread
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,10 @@ def latency_summary(rows: list[BenchRow], point: Point, weight_bytes: int = 0) -
     decode = _find(rows, n_prompt=0, n_gen=point.new_tokens, n_depth=point.prompt)
     per_token = np.array(decode.samples_ns) / 1e6 / decode.n_gen
     return {"point": _point(point), "rounds": len(per_token), "source": "llama-bench",
-            "prefill_ms": _spread(np.array(prefill.samples_ns) / 1e6),
+            "prefill_ms": spread(np.array(prefill.samples_ns) / 1e6),
             "per_token_ms": {"p50": float(np.median(per_token)), "p90": float(np.percentile(per_token, 90)),
-                             **_spread(per_token)},
-            "decode_tokens_per_s": _spread(1e3 / per_token)} | \
+                             **spread(per_token)},
+            "decode_tokens_per_s": spread(1e3 / per_token)} | \
         ({"weight_gb_per_s": weight_bytes / (float(np.median(per_token)) * 1e-3) / 1e9} if weight_bytes else {})
 
 
@@ -100,8 +100,8 @@ def throughput_summary(runs: list[list[BatchedRow]], point: Point) -> dict:
         raise Gpt2OnnxError(f"llama-batched-bench printed no result for {point.label}: "
                             "its context (-c) may be too small; run its command by hand to see why")
     return {"point": _point(point), "rounds": len(found), "source": "llama-batched-bench",
-            "prefill_ms": _spread(np.array([r.t_pp for r in found]) * 1e3),
-            "decode_tokens_per_s": _spread(np.array([r.speed_tg for r in found]))}
+            "prefill_ms": spread(np.array([r.t_pp for r in found]) * 1e3),
+            "decode_tokens_per_s": spread(np.array([r.speed_tg for r in found]))}
 
 
 def tool_results(llama: LlamaCpp, model: Path, latency_points: list[Point], throughput_points: list[Point],
@@ -147,7 +147,3 @@ def _find(rows: list[BenchRow], **want: int) -> BenchRow:
 
 def _point(point: Point) -> dict:
     return {"batch": point.batch, "prompt": point.prompt, "new_tokens": point.new_tokens}
-
-
-def _spread(values: np.ndarray) -> dict:
-    return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}

@@ -56,19 +56,20 @@ def summarize(runs: list[Run], point: Point, weight_bytes: int) -> dict:
     first = np.array([r.step_times[0] for r in runs]) * 1e3
     gaps = np.concatenate([np.diff(r.step_times) for r in runs]) * 1e3 if point.new_tokens > 1 else np.zeros(0)
     decode_s = np.array([r.step_times[-1] - r.step_times[0] for r in runs])
-    summary = {"point": asdict(point), "rounds": len(runs), "prefill_ms": _spread(first)}
+    summary = {"point": asdict(point), "rounds": len(runs), "prefill_ms": spread(first)}
     if gaps.size:
         per_token_runs = decode_s * 1e3 / (point.new_tokens - 1)
         summary |= {
             "per_token_ms": {"p50": float(np.median(gaps)), "p90": float(np.percentile(gaps, 90)),
-                             **_spread(per_token_runs)},
-            "decode_tokens_per_s": _spread(point.batch * (point.new_tokens - 1) / decode_s),
-            "end_to_end_tokens_per_s": _spread(np.array([point.batch * point.new_tokens / r.step_times[-1] for r in runs])),
+                             **spread(per_token_runs)},
+            "decode_tokens_per_s": spread(point.batch * (point.new_tokens - 1) / decode_s),
+            "end_to_end_tokens_per_s": spread(np.array([point.batch * point.new_tokens / r.step_times[-1] for r in runs])),
         }
         if point.batch == 1 and weight_bytes:
             summary["weight_gb_per_s"] = weight_bytes / (summary["per_token_ms"]["p50"] * 1e-3) / 1e9
     return summary
 
 
-def _spread(values: np.ndarray) -> dict:
+def spread(values: np.ndarray) -> dict:
+    """Median, min and max: how the suite reports every repeated figure."""
     return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}
