@@ -41,7 +41,7 @@ def wants_batched_graph(quant: QuantConfig) -> bool:
 def batched_recipe(quant: QuantConfig) -> QuantConfig:
     """int8 DynamicQuantizeMatMul blocks; the LM head and embedding as the main graph stores them."""
     return replace(QuantConfig.int8(block_size=quant.block_size), lm_head_bits=quant.head_bits or 32,
-                   batched_graph=False)
+                   head_shortlist=quant.head_shortlist, batched_graph=False)
 
 
 def add_batched_graph(model, work: Path, quant: QuantConfig, manifest, log) -> dict:

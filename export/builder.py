@@ -17,13 +17,15 @@ quantized) embedding table stored once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .lm_head import embedding_and_head
 from .quantize import QuantConfig, quantize_blockwise, quantize_per_channel_int8
 
 Store = Callable[[np.ndarray, str], onnx.TensorProto]  # array, name -> initializer (inline or external)
@@ -71,6 +73,16 @@ class GraphWriter:
     def one(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
         """`op` for a node with one output: its name."""
         return self.op(op_type, inputs, name, **attrs)[0]
+
+    @contextmanager
+    def branch(self) -> Iterator[list[onnx.NodeProto]]:
+        """Nodes made inside go to the yielded list (an If branch's subgraph) instead of the graph; weights
+        stay the graph's, which a subgraph may read."""
+        outer, self.nodes = self.nodes, []
+        try:
+            yield self.nodes
+        finally:
+            self.nodes = outer
 
     def linear(self, name: str, x: str, weight_kn: np.ndarray, bias: np.ndarray | None = None) -> str:
         """x @ W (+ bias) at the block precision: MatMul, DynamicQuantizeMatMul (int8) or MatMulNBits (int4)."""
@@ -137,7 +149,7 @@ def build_graph(weights: Mapping[str, np.ndarray], shape: GraphShape, quant: Qua
 
     g = GraphWriter(quant, store)
     w = weights
-    embed, lm_head = _embedding_and_head(g, w["wte.weight"], shape)
+    embed, lm_head = embedding_and_head(g, w["wte.weight"], shape)
     tokens = embed("input_ids")
     positions = g.op("Gather", [g.weight("wpe.weight", w["wpe.weight"]), "position_ids"], "/model/embed_positions/Gather")[0]
     h, residual = g.skip_layer_norm("/model/layers.0/input_layernorm", tokens, positions, w, "h.0.ln_1",
@@ -171,45 +183,6 @@ def build_graph(weights: Mapping[str, np.ndarray], shape: GraphShape, quant: Qua
     g.to_residual(lm_head(g.to_compute(picked, "/lm_head")), "/lm_head")  # logits are fp32 for every precision
     g.nodes[-1].output[0] = "logits"  # the last node's output is the graph's
     return _model(g, shape), g.max_weight_error
-
-
-def _embedding_and_head(g: GraphWriter, wte: np.ndarray, shape: GraphShape):
-    """One copy of the [V, E] table serves both the token embedding and the tied LM head."""
-    bits = g.quant.head_bits
-    if bits in (4, 8):
-        # block-wise, symmetric: GatherBlockQuantized reads the very bytes MatMulNBits multiplies with
-        q = quantize_blockwise(wte.T, bits, g.quant.block_size, symmetric=True)  # N = V rows, K = E
-        g.max_weight_error = max(g.max_weight_error, q.max_abs_error)
-        table = g.weight("wte.qweight", q.packed)  # [V, E/block, block*bits/8]
-        scales = g.weight("wte.scales", q.scales.reshape(-1))
-        gather_scales = g.op("Reshape", [scales, g.weight("wte.scales_shape", np.array([shape.vocab_size, -1, 1]))],
-                             "/model/embed_tokens/scales/Reshape")[0]
-
-        def embed(ids: str) -> str:
-            rows = g.op("GatherBlockQuantized", [table, ids, gather_scales], "/model/embed_tokens/GatherBlockQuantized",
-                        domain="com.microsoft", gather_axis=0, quantize_axis=2, block_size=g.quant.block_size,
-                        bits=bits)[0]  # [B, S, E/block, block]
-            return g.op("Reshape", [rows, g.weight("embed_shape", np.array([0, 0, -1]))], "/model/embed_tokens/Reshape")[0]
-
-        def head(x: str) -> str:
-            return g.op("MatMulNBits", [x, table, scales], "/lm_head/MatMulNBits", domain="com.microsoft",
-                        K=shape.n_embd, N=shape.vocab_size, bits=bits, block_size=g.quant.block_size,
-                        accuracy_level=g.quant.accuracy_level)[0]
-        return embed, head
-    table = g.weight("wte.weight", wte.astype(g.quant.compute_dtype, copy=False))
-
-    def embed_dense(ids: str) -> str:
-        return g.to_residual(g.op("Gather", [table, ids], "/model/embed_tokens/Gather")[0], "/model/embed_tokens")
-
-    def head_dense(x: str) -> str:
-        # Gemm(transB) multiplies by wte^T without a transposed copy, but only in 2-D: [B, N, E] -> [B*N, E]
-        rows = g.op("Reshape", [x, g.weight("lm_head_rows", np.array([-1, shape.n_embd]))], "/lm_head/Reshape")[0]
-        flat = g.op("Gemm", [rows, table], "/lm_head/Gemm", transB=1)[0]
-        batch_positions = g.op("Shape", [x], "/lm_head/Shape", end=2)[0]
-        out_shape = g.op("Concat", [batch_positions, g.weight("vocab_size", np.array([shape.vocab_size]))],
-                         "/lm_head/Concat", axis=0)[0]
-        return g.op("Reshape", [flat, out_shape], "/lm_head/Reshape_out")[0]
-    return embed_dense, head_dense
 
 
 def _model(g: GraphWriter, shape: GraphShape) -> onnx.ModelProto:

@@ -66,7 +66,8 @@ def export_model(source: str, out_dir: str | Path, *, quant: QuantConfig | None 
         shutil.rmtree(work, ignore_errors=True)
         raise
     log(f"wrote {out_dir} ({manifest.size_bytes / 1e6:.1f} MB, {manifest.precision}, "
-        f"max |Δlogit| vs PyTorch {manifest.parity['max_abs_logit_diff']:.2e})")
+        f"max |Δlogit| vs PyTorch {manifest.parity['max_abs_logit_diff']:.2e}, greedy tokens "
+        f"{'match' if manifest.parity['greedy_tokens_match'] else 'differ'})")
     if manifest.quality:
         q = manifest.quality
         log(f"quality vs PyTorch fp32 over {q['tokens']} tokens: top-1 agreement {q['top1_agreement']:.4f}, "
@@ -114,7 +115,8 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
     checkpoint.tokenizer.save_pretrained(work)
     manifest = Manifest.for_graph(graph, quant.precision, checkpoint.model.config.to_dict(), source=source,
                                   source_kind=checkpoint.kind,
-                                  quantization={**asdict(quant), "max_weight_error": max_weight_error})
+                                  quantization={**asdict(quant), "head_shortlist": quant.shortlist,
+                                                "max_weight_error": max_weight_error})
     if with_batched:
         with stages("batched", "int8 graph for prompts and wide batches, then timed against the main graph"):
             manifest = replace(manifest, batched=add_batched_graph(checkpoint.model, work, quant, manifest, log))

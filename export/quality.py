@@ -9,7 +9,8 @@ window into running sums, so memory stays at one batch of PyTorch log-probabilit
 
 The reference (Optimum) graph returns only the last position's logits, so there each batch of windows
 is fed token by token through its KV cache instead, as this module did for every graph before: the two
-ways agree to float rounding (tests/test_quality.py checks it).
+ways agree to float rounding (tests/test_quality.py checks it). Graphs with a shortlisted LM head are fed
+token by token too: a prefill asking for every position takes their full 8-bit head, generation does not.
 
 The default text is prose shipped with the package (`assets/alice.txt`, public domain; see
 `assets/README.md`); any text file can replace it.
@@ -65,7 +66,10 @@ def measure_quality(torch_model, engine, windows: np.ndarray, batch: int = BATCH
     from tqdm import tqdm
 
     if step_by_step is None:
-        step_by_step = engine.manifest.graph != "fast"
+        # the reference graph returns the last position only; a shortlisted LM head (lm_head.py) scores a
+        # prefill's every position with the full 8-bit head, so there decode steps of BATCH rows (no more
+        # than its SHORTLIST_MAX_ROWS) measure the head generation uses
+        step_by_step = engine.manifest.graph != "fast" or bool(engine.manifest.quantization.get("head_shortlist"))
     totals = _Totals()
     for start in tqdm(range(0, len(windows), batch), desc="      quality", unit="batch", leave=False):
         chunk = windows[start:start + batch]

@@ -20,6 +20,7 @@ BLOCK_SIZES = (16, 32, 64, 128)
 # token against 4.5-5.1 at 32 (per-block scale work, in the head as in the blocks), batch 16 +15-20 %, for
 # 0.3 points of top-1 agreement on the trained fixture (README's quantization table)
 AUTO_BLOCK_SIZES = (128, 64, 32)
+MAX_SHORTLIST = 1024  # LM-head candidates re-scored exactly; more would cost what the shortlist saves
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class QuantConfig:
     # int8 blocks: DynamicQuantizeMatMul (per-channel weights, per-tensor activations) or MatMulNBits
     # (block-wise weights and activations: more accurate, a slower kernel on AVX2)
     int8_kernel: str = "DynamicQuantizeMatMul"
+    # an 8-bit LM head scores every token with a 4-bit copy of the table first and re-scores only this many
+    # best from the 8 bits (lm_head.py); 0: the plain 8-bit head
+    head_shortlist: int = 32
     # MatMulNBits blocks: also write the int8 graph that runs prefills and wide batches faster (batched.py)
     batched_graph: bool = True
 
@@ -44,6 +48,8 @@ class QuantConfig:
             raise Gpt2OnnxError(f"block_size {self.block_size} is not supported; choose one of {BLOCK_SIZES}")
         if self.int8_kernel not in INT8_KERNELS:
             raise Gpt2OnnxError(f"unknown int8 kernel {self.int8_kernel!r}; choose one of {', '.join(INT8_KERNELS)}")
+        if not 0 <= self.head_shortlist <= MAX_SHORTLIST:
+            raise Gpt2OnnxError(f"head_shortlist must be 0 (off) to {MAX_SHORTLIST}, not {self.head_shortlist}")
         if self.lm_head_bits not in (None, 4, 8, 32):
             raise Gpt2OnnxError("lm_head_bits must be 4, 8 or 32 (fp32)")
 
@@ -73,6 +79,11 @@ class QuantConfig:
     def head_bits(self) -> int | None:
         bits = self.lm_head_bits or self.block_bits
         return None if bits == 32 else bits
+
+    @property
+    def shortlist(self) -> int:
+        """LM-head candidates re-scored from the 8-bit table: `head_shortlist` where the head is 8-bit, else 0."""
+        return self.head_shortlist if self.head_bits == 8 else 0
 
     @property
     def compute_dtype(self) -> type:

@@ -73,6 +73,9 @@ def add_export(sub) -> None:
                    help="store a zero point per block (default: symmetric, which measured as accurate and faster)")
     q.add_argument("--lm-head-bits", type=int, choices=[4, 8, 32], default=None,
                    help="bits of the tied embedding / LM head (default: 8 for int8 and int4)")
+    q.add_argument("--head-shortlist", type=int, default=None, metavar="N",
+                   help="8-bit LM head: score every token with a 4-bit copy first and re-score the best N from the "
+                        "8 bits (greedy picks the 8-bit argmax whenever it is among them) (default: 32); 0: the plain 8-bit head")
     q.add_argument("--int8-kernel", choices=INT8_KERNELS, default=INT8_KERNELS[0],
                    help="int8 blocks: DynamicQuantizeMatMul (per-channel weights, one activation scale per matrix) or "
                         "MatMulNBits (8-bit blocks; faster one token at a time, and then comes with the batched graph)")
@@ -98,7 +101,8 @@ def quant_config(args):
     symmetric = defaults.symmetric if args.asymmetric is None else not args.asymmetric
     return QuantConfig(args.precision, block_size=args.block_size, symmetric=symmetric,
                        lm_head_bits=args.lm_head_bits or defaults.lm_head_bits, batched_graph=args.batched_graph,
-                       int8_kernel=args.int8_kernel)
+                       int8_kernel=args.int8_kernel,
+                       head_shortlist=defaults.head_shortlist if args.head_shortlist is None else args.head_shortlist)
 
 
 def run_export(args) -> None:

@@ -16,6 +16,24 @@ EVAL_TEXT = SHARED / "eval" / "prose.txt"
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, initializer_range=0.2)
 
 
+def graph_nodes(model_file: Path) -> list:
+    """Every node of an ONNX file, those inside If branches too (the shortlisted LM head's)."""
+    import onnx
+
+    def walk(graph):
+        for node in graph.node:
+            yield node
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attribute.g)
+    return list(walk(onnx.load(str(model_file)).graph))
+
+
+def nbits(nodes: list) -> dict[str, int]:
+    """MatMulNBits node name -> its bits."""
+    return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"}
+
+
 def make_checkpoint(folder: Path, seed: int = 0, **overrides) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel

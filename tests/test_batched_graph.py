@@ -17,7 +17,7 @@ from gpt2_onnx.export import QuantConfig, export_model
 from gpt2_onnx.export import batched as batched_module
 from gpt2_onnx.export.batched import calibrate, threshold, wants_batched_graph
 
-from .conftest import requires_cuda
+from .conftest import graph_nodes, nbits, requires_cuda
 
 
 def fixed_timing(min_tokens):
@@ -154,18 +154,16 @@ def test_calibrate_times_both_graphs(int4_export):
 def op_counts(model_file) -> dict:
     import collections
 
-    import onnx
-
-    graph = onnx.load(str(model_file)).graph
-    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits")
-    return {**collections.Counter(n.op_type for n in graph.node), "bits": bits}
+    nodes = graph_nodes(model_file)
+    return {**collections.Counter(n.op_type for n in nodes), "bits": sorted(nbits(nodes).values())}
 
 
 def test_the_batched_graph_is_int8_blocks_with_the_same_head(int4_export):
     layers = Manifest.read(int4_export).n_layer
     main, wide = op_counts(int4_export / MODEL_FILE), op_counts(int4_export / "batched" / MODEL_FILE)
-    assert main["bits"] == [4] * (4 * layers) + [8] and main.get("DynamicQuantizeMatMul", 0) == 0
-    assert wide["DynamicQuantizeMatMul"] == 4 * layers and wide["bits"] == [8]  # the 8-bit head, as the main graph's
+    # + the LM head's 4-bit shortlist and 8-bit table
+    assert main["bits"] == [4] * (4 * layers + 1) + [8] and main.get("DynamicQuantizeMatMul", 0) == 0
+    assert wide["DynamicQuantizeMatMul"] == 4 * layers and wide["bits"] == [4, 8]  # the same head as the main graph
 
 
 def test_int8_on_matmulnbits_from_the_command_line(tiny_checkpoint, tmp_path):
@@ -177,7 +175,7 @@ def test_int8_on_matmulnbits_from_the_command_line(tiny_checkpoint, tmp_path):
                     "int8", "--int8-kernel", "MatMulNBits", "--skip-quality"], check=True, capture_output=True)
     manifest = Manifest.read(out)
     assert manifest.quantization["int8_kernel"] == "MatMulNBits"
-    assert op_counts(out / MODEL_FILE)["bits"] == [8] * (4 * manifest.n_layer + 1)  # blocks and head
+    assert op_counts(out / MODEL_FILE)["bits"] == [4] + [8] * (4 * manifest.n_layer + 1)  # shortlist, blocks, head
     assert Engine(out).generate("Hello", max_new_tokens=4).token_ids
 
 

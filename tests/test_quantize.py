@@ -14,7 +14,7 @@ from gpt2_onnx.errors import Gpt2OnnxError
 from gpt2_onnx.export import QuantConfig, export_model
 from gpt2_onnx.export.quantize import dequantize, quantize_blockwise
 
-from .conftest import EVAL_TEXT, TINY, TRAINED, requires_cuda
+from .conftest import EVAL_TEXT, TINY, TRAINED, graph_nodes, nbits, requires_cuda
 
 
 @pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True), (8, False)],
@@ -39,23 +39,27 @@ def quantized_exports(tiny_checkpoint, tmp_path_factory):
                                 "int4-head4": QuantConfig.int4(lm_head_bits=4)}.items()}
 
 
-def op_counts(folder) -> Counter:
-    return Counter(node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node)
-
-
 def test_every_projection_is_quantized(quantized_exports):
     layers = TINY["n_layer"]
-    int8, int4, int4_head4 = (op_counts(quantized_exports[n].out_dir) for n in ("int8", "int4", "int4-head4"))
-    for counts in (int8, int4, int4_head4):
-        assert counts["MatMul"] == 0 and counts["Gemm"] == 0, counts  # no float projection is left
-        assert counts["GatherBlockQuantized"] == 1 and counts["GroupQueryAttention"] == layers
-    assert int8["DynamicQuantizeMatMul"] == 4 * layers and int8["MatMulNBits"] == 1  # blocks + LM head
-    assert int4["MatMulNBits"] == 4 * layers + 1
-    graph = onnx.load(str(quantized_exports["int4"].out_dir / "model.onnx")).graph
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
-    assert bits.pop("/lm_head/MatMulNBits") == 8 and set(bits.values()) == {4}
-    graph = onnx.load(str(quantized_exports["int4-head4"].out_dir / "model.onnx")).graph
-    assert {next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"} == {4}
+    for name, export in quantized_exports.items():
+        model = export.out_dir / "model.onnx"
+        weights = {t.name for t in onnx.load(str(model)).graph.initializer}
+        nodes = graph_nodes(model)
+        counts = Counter(n.op_type for n in nodes)
+        # no float product with a weight is left (the shortlisted head's MatMul multiplies gathered rows)
+        assert not [n.name for n in nodes if n.op_type in ("MatMul", "Gemm") and set(n.input) & weights], name
+        assert counts["GroupQueryAttention"] == layers
+        bits = nbits(nodes)
+        if name == "int4-head4":  # a 4-bit head has no shortlist
+            assert set(bits.values()) == {4} and counts["If"] == 0 and counts["GatherBlockQuantized"] == 1
+            continue
+        # the 8-bit head with its 4-bit shortlist, and the embedding and the candidates read from the 8-bit table
+        assert bits.pop("/lm_head/full/MatMulNBits") == 8 and bits.pop("/lm_head/approx/MatMulNBits") == 4
+        assert counts["If"] == 1 and counts["GatherBlockQuantized"] == 2
+        if name == "int8":
+            assert counts["DynamicQuantizeMatMul"] == 4 * layers and not bits
+        else:
+            assert list(bits.values()) == [4] * (4 * layers)
 
 
 @pytest.mark.parametrize("name", ["int8", "int4", "int4-head4"])

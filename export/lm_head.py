@@ -1,0 +1,112 @@
+"""The tied embedding table and LM head: one [V, E] table serves both, stored once.
+
+Quantized (int8 and int4 exports: 8 bits by default), the table is blocks of MatMulNBits layout;
+GatherBlockQuantized reads rows of it for the embedding and MatMulNBits multiplies with it for the head.
+
+The head reads the whole table every decode step (gpt2: 38.6 MB at 8 bits, ~13 % of an int8 step), yet
+only a handful of its 50,257 scores matter to a greedy or top-k/top-p choice. So with a shortlist
+(`QuantConfig.head_shortlist`, default 32) the head first scores every token with a 4-bit copy of the
+table (half the bytes), takes the best `shortlist` of those, and re-scores just them from the 8-bit rows
+in fp32; the other tokens keep their 4-bit score. The 8-bit argmax stays exact whenever it is among the
+4-bit top 32: on the trained fixture it was at every one of 10,240 positions already among the top 8.
+TopK and the scatter cost more than the 4-bit product saves once many rows ask for logits at once (a
+wide batch, prompt log-probabilities), so such passes take the full 8-bit head: an If on the row count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from .quantize import quantize_blockwise
+
+# Rows x logits positions up to which the shortlist runs; wider passes take the full 8-bit head. Measured
+# in the gpt2 int8 graph (AVX-512 VNNI host, 2 threads): see README's quantization section.
+SHORTLIST_MAX_ROWS = 8
+
+Head = Callable[[str], str]
+
+
+def embedding_and_head(g, wte: np.ndarray, shape) -> tuple[Head, Head]:
+    """`g` a GraphWriter, `wte` [V, E]: (token ids -> [B, S, E] embeddings, hidden [B, N, E] -> logits)."""
+    bits = g.quant.head_bits
+    if bits is None:
+        return _dense(g, wte, shape)
+    # block-wise, symmetric: GatherBlockQuantized reads the very bytes MatMulNBits multiplies with
+    q = quantize_blockwise(wte.T, bits, g.quant.block_size, symmetric=True)  # N = V rows, K = E
+    g.max_weight_error = max(g.max_weight_error, q.max_abs_error)
+    table = g.weight("wte.qweight", q.packed)  # [V, E/block, block*bits/8]
+    scales = g.weight("wte.scales", q.scales.reshape(-1))
+    row_scales = g.one("Reshape", [scales, g.weight("wte.scales_shape", np.array([shape.vocab_size, -1, 1]))],
+                       "/model/embed_tokens/scales/Reshape")
+
+    def gather_rows(ids: str, name: str, id_axes: int) -> str:
+        """ids with `id_axes` axes -> the table's rows, dequantized: [*ids.shape, E]."""
+        rows = g.one("GatherBlockQuantized", [table, ids, row_scales], f"{name}/GatherBlockQuantized",
+                     domain="com.microsoft", gather_axis=0, quantize_axis=2, block_size=g.quant.block_size, bits=bits)
+        return g.one("Reshape", [rows, g.weight(f"{name}/rows_shape", np.array([0] * id_axes + [-1]))],
+                     f"{name}/Reshape")  # [..., E/block, block] -> [..., E]
+
+    def embed(ids: str) -> str:
+        return gather_rows(ids, "/model/embed_tokens", 2)  # [B, S]
+
+    def head(x: str, name: str = "/lm_head") -> str:
+        return g.one("MatMulNBits", [x, table, scales], f"{name}/MatMulNBits", domain="com.microsoft",
+                     K=shape.n_embd, N=shape.vocab_size, bits=bits, block_size=g.quant.block_size,
+                     accuracy_level=g.quant.accuracy_level)
+
+    shortlist = min(g.quant.shortlist, shape.vocab_size)
+    if not shortlist:
+        return embed, head
+    return embed, _shortlisted(g, wte, shape, shortlist, head, gather_rows)
+
+
+def _shortlisted(g, wte: np.ndarray, shape, shortlist: int, full_head: Head,
+                 gather_rows: Callable[[str, str, int], str]) -> Head:
+    q4 = quantize_blockwise(wte.T, 4, g.quant.block_size, symmetric=True)
+    table4 = g.weight("wte.qweight4", q4.packed)
+    scales4 = g.weight("wte.scales4", q4.scales.reshape(-1))
+    k = g.weight("lm_head.shortlist", np.array([shortlist], np.int64))
+    last_axis = g.weight("lm_head.last_axis", np.array([-1], np.int64))
+
+    def head(x: str) -> str:
+        name = "/lm_head"
+        rows = g.one("ReduceProd", [g.one("Shape", [x], f"{name}/Shape", end=2)], f"{name}/rows", keepdims=0)
+        few = g.one("LessOrEqual", [rows, g.weight("lm_head.shortlist_max_rows", np.array(SHORTLIST_MAX_ROWS))],
+                    f"{name}/few_rows")
+        with g.branch() as short_nodes:
+            approx = g.one("MatMulNBits", [x, table4, scales4], f"{name}/approx/MatMulNBits", domain="com.microsoft",
+                           K=shape.n_embd, N=shape.vocab_size, bits=4, block_size=g.quant.block_size,
+                           accuracy_level=g.quant.accuracy_level)
+            ids = g.op("TopK", [approx, k], f"{name}/TopK", n_out=2, axis=-1)[1]  # [B, N, shortlist]
+            candidates = gather_rows(ids, f"{name}/candidates", 3)  # [B, N, shortlist, E], from the 8-bit table
+            column = g.one("Unsqueeze", [x, last_axis], f"{name}/Unsqueeze")  # [B, N, E, 1]
+            exact = g.one("Squeeze", [g.one("MatMul", [candidates, column], f"{name}/exact/MatMul"), last_axis],
+                          f"{name}/Squeeze")
+            short = g.one("ScatterElements", [approx, ids, exact], f"{name}/ScatterElements", axis=-1)
+        with g.branch() as full_nodes:
+            full = full_head(x, f"{name}/full")
+        logits = helper.make_tensor_value_info
+        return g.one("If", [few], f"{name}/If",
+                     then_branch=helper.make_graph(short_nodes, "shortlist", [], [logits(short, TensorProto.FLOAT, None)]),
+                     else_branch=helper.make_graph(full_nodes, "full", [], [logits(full, TensorProto.FLOAT, None)]))
+    return head
+
+
+def _dense(g, wte: np.ndarray, shape) -> tuple[Head, Head]:
+    table = g.weight("wte.weight", wte.astype(g.quant.compute_dtype, copy=False))
+
+    def embed(ids: str) -> str:
+        return g.to_residual(g.one("Gather", [table, ids], "/model/embed_tokens/Gather"), "/model/embed_tokens")
+
+    def head(x: str) -> str:
+        # Gemm(transB) multiplies by wte^T without a transposed copy, but only in 2-D: [B, N, E] -> [B*N, E]
+        rows = g.one("Reshape", [x, g.weight("lm_head_rows", np.array([-1, shape.n_embd]))], "/lm_head/Reshape")
+        flat = g.one("Gemm", [rows, table], "/lm_head/Gemm", transB=1)
+        batch_positions = g.one("Shape", [x], "/lm_head/Shape", end=2)
+        out_shape = g.one("Concat", [batch_positions, g.weight("vocab_size", np.array([shape.vocab_size]))],
+                          "/lm_head/Concat", axis=0)
+        return g.one("Reshape", [flat, out_shape], "/lm_head/Reshape_out")
+    return embed, head

@@ -1,0 +1,92 @@
+"""The shortlisted LM head (export/lm_head.py): 4-bit scores for every token, the best re-scored from 8 bits."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from gpt2_onnx.errors import Gpt2OnnxError
+from gpt2_onnx.export import QuantConfig
+from gpt2_onnx.export.builder import OPSET, GraphShape, GraphWriter
+from gpt2_onnx.export.lm_head import SHORTLIST_MAX_ROWS, embedding_and_head
+from gpt2_onnx.export.quality import BATCH
+from gpt2_onnx.export.quantize import MAX_SHORTLIST, dequantize, quantize_blockwise
+
+VOCAB, WIDTH, BLOCK, SHORTLIST = 300, 64, 32, 16
+SHAPE = GraphShape(n_layer=1, n_head=1, n_embd=WIDTH, n_positions=8, vocab_size=VOCAB, layer_norm_epsilon=1e-5)
+
+
+def head_session(wte: np.ndarray, **recipe) -> ort.InferenceSession:
+    """hidden [B, N, E] -> logits [B, N, V] through the head alone; accuracy_level 0: fp32 products,
+    so every difference below comes from the weights' bits and the shortlist, not activation rounding."""
+    g = GraphWriter(QuantConfig("int8", block_size=BLOCK, accuracy_level=0, **recipe))
+    _, head = embedding_and_head(g, wte, SHAPE)
+    head("hidden")
+    g.nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(g.nodes, "head", [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], g.initializers)
+    model = helper.make_model(graph, opset_imports=OPSET)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the embedding's table is an unused initializer here
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def heads():
+    rng = np.random.default_rng(0)
+    wte = rng.standard_normal((VOCAB, WIDTH)).astype(np.float32)
+    return wte, {"shortlisted": head_session(wte, head_shortlist=SHORTLIST),
+                 "8-bit": head_session(wte, head_shortlist=0),
+                 "4-bit": head_session(wte, head_shortlist=0, lm_head_bits=4)}
+
+
+@pytest.mark.parametrize("rows, positions", [(1, 1), (4, 2), (SHORTLIST_MAX_ROWS, 1)])
+def test_the_shortlist_is_rescored_exactly_from_the_8_bit_table(heads, rows, positions):
+    wte, sessions = heads
+    hidden = np.random.default_rng(rows).standard_normal((rows, positions, WIDTH)).astype(np.float32)
+    logits, approx, full = (sessions[k].run(None, {"hidden": hidden})[0] for k in ("shortlisted", "4-bit", "8-bit"))
+    rows8 = dequantize(quantize_blockwise(wte.T, 8, BLOCK, symmetric=True)).T  # [V, E], the 8-bit table
+    top = np.argsort(-approx, axis=-1, kind="stable")[..., :SHORTLIST]
+    expected = approx.copy()  # outside the shortlist: the 4-bit score, as the 4-bit head computes it
+    np.put_along_axis(expected, top, np.einsum("bnke,bne->bnk", rows8[top], hidden), axis=-1)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-4)
+    # greedy picks the 8-bit head's argmax (random weights: it is among the 4-bit top 16 here)
+    assert (logits.argmax(-1) == full.argmax(-1)).all()
+    assert not np.allclose(logits, full, atol=1e-3)  # and the tail really is 4-bit
+
+
+def test_wide_passes_take_the_whole_8_bit_head(heads):
+    _, sessions = heads
+    hidden = np.random.default_rng(1).standard_normal((3, SHORTLIST_MAX_ROWS, WIDTH)).astype(np.float32)
+    logits, full = (sessions[k].run(None, {"hidden": hidden})[0] for k in ("shortlisted", "8-bit"))
+    np.testing.assert_array_equal(logits, full)
+
+
+def test_the_recipe_bounds_the_shortlist():
+    assert QuantConfig.int8().shortlist == 32 and QuantConfig.int4().shortlist == 32
+    assert QuantConfig.int4(lm_head_bits=4).shortlist == 0 and QuantConfig.fp32().shortlist == 0
+    for bad in (-1, MAX_SHORTLIST + 1):
+        with pytest.raises(Gpt2OnnxError, match="head_shortlist"):
+            QuantConfig("int8", head_shortlist=bad)
+
+
+def test_quality_steps_through_the_head_generation_uses():
+    # measure_quality decodes BATCH windows as rows of one step: all of them must take the shortlist
+    assert BATCH <= SHORTLIST_MAX_ROWS
+
+
+def test_exports_record_the_shortlist(tiny_export, tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    from gpt2_onnx.engine import Engine
+    from gpt2_onnx.engine.manifest import Manifest
+
+    assert Manifest.read(tiny_export).quantization["head_shortlist"] == 0  # fp32: a dense head
+    out = tmp_path / "int8-plain-head"
+    subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", "export", str(tiny_checkpoint), str(out), "--precision",
+                    "int8", "--head-shortlist", "0", "--skip-quality"], check=True, capture_output=True)
+    assert Manifest.read(out).quantization["head_shortlist"] == 0
+    assert Engine(out).generate("Hello", max_new_tokens=4).token_ids
