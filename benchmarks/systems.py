@@ -233,14 +233,22 @@ def _missing(module: str) -> str | None:
 
 
 def onnx_weight_bytes(path: Path) -> int:
-    """Bytes of the initializers a decode step reads: all but tables that are only gathered from (one row)."""
+    """Bytes of the initializers a one-row decode step reads: all but tables that are only gathered from (one
+    row). Of an If it follows the then-branch: the exporter's only If is the shortlisted LM head's
+    (export/lm_head.py), whose then-branch is the few-rows path, reading the 4-bit table and gathering
+    from the 8-bit one."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     uses: dict[str, set[str]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            uses.setdefault(name, set()).add(node.op_type)
+
+    def walk(graph) -> None:
+        for node in graph.node:
+            for name in node.input:
+                uses.setdefault(name, set()).add(node.op_type)
+            if node.op_type == "If":
+                walk(next(a.g for a in node.attribute if a.name == "then_branch"))
+    walk(model.graph)
     total = 0
     for tensor in model.graph.initializer:
         if uses.get(tensor.name, set()) <= {"Gather", "GatherBlockQuantized"}:

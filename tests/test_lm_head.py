@@ -77,16 +77,21 @@ def test_quality_steps_through_the_head_generation_uses():
     assert BATCH <= SHORTLIST_MAX_ROWS
 
 
-def test_exports_record_the_shortlist(tiny_export, tiny_checkpoint, tmp_path):
-    import subprocess
-    import sys
-
+def test_exports_record_the_shortlist_and_the_bytes_a_step_reads(tiny_export, tiny_checkpoint, tmp_path):
+    from gpt2_onnx.benchmarks.systems import onnx_weight_bytes
     from gpt2_onnx.engine import Engine
-    from gpt2_onnx.engine.manifest import Manifest
+    from gpt2_onnx.engine.manifest import MODEL_FILE, Manifest
+    from gpt2_onnx.export import export_model
 
     assert Manifest.read(tiny_export).quantization["head_shortlist"] == 0  # fp32: a dense head
-    out = tmp_path / "int8-plain-head"
-    subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", "export", str(tiny_checkpoint), str(out), "--precision",
-                    "int8", "--head-shortlist", "0", "--skip-quality"], check=True, capture_output=True)
-    assert Manifest.read(out).quantization["head_shortlist"] == 0
-    assert Engine(out).generate("Hello", max_new_tokens=4).token_ids
+    exports = {k: export_model(str(tiny_checkpoint), tmp_path / f"int8-{k}", quant=QuantConfig("int8", head_shortlist=k),
+                               eval_windows=0, log=lambda _: None).out_dir for k in (0, 32)}
+    for k, folder in exports.items():
+        assert Manifest.read(folder).quantization["head_shortlist"] == k
+        assert Engine(folder).generate("Hello", max_new_tokens=4).token_ids
+    # a one-row step streams the 4-bit table instead of the 8-bit one (only gathered from): half its bytes,
+    # less the 4-bit table's scales (the 8-bit scales count in both: a Reshape reads them for the gathers)
+    manifest = Manifest.read(exports[0])
+    scales = manifest.vocab_size * manifest.n_embd // manifest.quantization["block_size"] * 4
+    saved = onnx_weight_bytes(exports[0] / MODEL_FILE) - onnx_weight_bytes(exports[32] / MODEL_FILE)
+    assert abs(saved - (manifest.vocab_size * manifest.n_embd // 2 - scales)) < 64  # the If's few constants
