@@ -158,12 +158,12 @@ def op_counts(model_file) -> dict:
     return {**collections.Counter(n.op_type for n in nodes), "bits": sorted(nbits(nodes).values())}
 
 
-def test_the_batched_graph_is_int8_blocks_with_the_same_head(int4_export):
+def test_the_batched_graph_is_int8_blocks_with_the_same_head_table(int4_export):
     layers = Manifest.read(int4_export).n_layer
     main, wide = op_counts(int4_export / MODEL_FILE), op_counts(int4_export / "batched" / MODEL_FILE)
     # + the LM head's 4-bit shortlist and 8-bit table
     assert main["bits"] == [4] * (4 * layers + 1) + [8] and main.get("DynamicQuantizeMatMul", 0) == 0
-    assert wide["DynamicQuantizeMatMul"] == 4 * layers and wide["bits"] == [4, 8]  # the same head as the main graph
+    assert wide["DynamicQuantizeMatMul"] == 4 * layers and wide["bits"] == [8]  # the 8-bit head, without its shortlist
 
 
 def test_int8_on_matmulnbits_from_the_command_line(tiny_checkpoint, tmp_path):
