@@ -95,3 +95,18 @@ def test_exports_record_the_shortlist_and_the_bytes_a_step_reads(tiny_export, ti
     scales = manifest.vocab_size * manifest.n_embd // manifest.quantization["block_size"] * 4
     saved = onnx_weight_bytes(exports[0] / MODEL_FILE) - onnx_weight_bytes(exports[32] / MODEL_FILE)
     assert abs(saved - (manifest.vocab_size * manifest.n_embd // 2 - scales)) < 64  # the If's few constants
+
+
+@pytest.mark.parametrize("flags, shortlist", [(["--precision", "int8"], 32), (["--precision", "int4"], 32),
+                                              (["--precision", "int8", "--head-shortlist", "0"], 0),
+                                              (["--precision", "int4", "--head-shortlist", "64"], 64),
+                                              (["--precision", "int4", "--lm-head-bits", "4"], 0),
+                                              (["--precision", "fp32", "--head-shortlist", "64"], 0)])
+def test_the_command_line_sets_the_shortlist(flags, shortlist):
+    import argparse
+
+    from gpt2_onnx.cli import add_export, quant_config
+
+    parser = argparse.ArgumentParser()
+    add_export(parser.add_subparsers(dest="verb"))
+    assert quant_config(parser.parse_args(["export", "gpt2", "out", *flags])).shortlist == shortlist
