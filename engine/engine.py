@@ -37,7 +37,10 @@ class ContextTooLong(Gpt2OnnxError):
 
 class Engine:
     def __init__(self, model_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-                 manifest: Manifest | None = None) -> None:
+                 manifest: Manifest | None = None, shares_cores: bool = False) -> None:
+        """`shares_cores`: other threads of this process need the cores between runs (a server's event loop):
+        the session's workers then stop spinning when a run ends (session.py). Always so when the export has
+        a batched graph, whose session shares the cores with the main one."""
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             what = "is a file, not a folder" if self.model_dir.exists() else "does not exist"
@@ -49,12 +52,13 @@ class Engine:
         self.provider = provider
         self._seeds = np.random.default_rng()
         self._attention_graph: AttentionGraph | None = None  # loaded on first use (attention.onnx is optional)
-        self.session = create_session(self.model_dir, provider, threads)
         # the batched graph's int8 kernel (DynamicQuantizeMatMul) is a CPU kernel and its threshold was timed on
         # the CPU: on CUDA every pass runs on the main graph
         batched = self.manifest.batched if provider == "cpu" else {}
+        self.session = create_session(self.model_dir, provider, threads, shares_cores=shares_cores or bool(batched))
         # always the fixed folder inside the export, whatever the manifest's text says: never a path from outside it
-        self.batched_session = create_session(self.model_dir / BATCHED_FOLDER, provider, threads) if batched else None
+        self.batched_session = (create_session(self.model_dir / BATCHED_FOLDER, provider, threads, shares_cores=True)
+                                if batched else None)
         self.batched_min_tokens = batched.get("min_tokens")  # another threshold: `batched_from`
 
     # -- public API -------------------------------------------------------------------------------

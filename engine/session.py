@@ -29,14 +29,25 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
         raise Gpt2OnnxError(f"{path} is corrupt ({exc}); re-export the model") from None
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    """Chosen for latency at batch 1: all graph optimisations, a fixed intra-op pool, no inter-op pool."""
+def session_options(threads: int | None, shares_cores: bool = False) -> ort.SessionOptions:
+    """Chosen for latency at batch 1: all graph optimisations, a fixed intra-op pool, no inter-op pool.
+
+    `shares_cores`: other work of this process needs the same cores between runs: a second session (the
+    batched graph beside the main one) or a server's event loop. A session's pool workers keep spinning for a
+    while after a run; through the other session's next run that slowed it ~2x (int4 gpt2, 2 threads: a
+    32-token prompt right after a decode step 29.6-31.0 ms instead of 14.9-15.7; the 8 decode steps after a
+    prompt 7.6-8.1 ms instead of 4.0-4.3), and a server at 32 clients (int8) delivered 685-704 tokens/s
+    instead of 800. So such sessions stop spinning when a run ends; within a run they still spin. Alone, one
+    session is better off spinning between its decode steps (int8 batch 1: 4.8-5.1 ms a step against 4.9-6.1).
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initializers are noise to users
+    if shares_cores:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 
@@ -46,7 +57,8 @@ def default_threads() -> int:
     return max(1, cpus)
 
 
-def create_session(model_dir: Path, provider: str, threads: int | None) -> ort.InferenceSession:
+def create_session(model_dir: Path, provider: str, threads: int | None,
+                   shares_cores: bool = False) -> ort.InferenceSession:
     if provider not in PROVIDERS:
         raise Gpt2OnnxError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     ep = PROVIDERS[provider]
@@ -58,7 +70,7 @@ def create_session(model_dir: Path, provider: str, threads: int | None) -> ort.I
     if not path.exists():
         raise Gpt2OnnxError(missing_model_hint(model_dir))
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=[ep])
+        return ort.InferenceSession(str(path), session_options(threads, shares_cores), providers=[ep])
     except Exception as exc:  # onnxruntime raises several pybind types; all mean the file is unusable
         raise Gpt2OnnxError(f"could not load {path}: {first_line(exc)}; the file is corrupt or incomplete, "
                             "re-export it") from None

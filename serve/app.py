@@ -106,7 +106,7 @@ def serve(model_dir: str | Path, config: ServerConfig = ServerConfig(), provider
           threads: int | None = None) -> None:
     import uvicorn
 
-    engine = Engine(model_dir, provider=provider, threads=threads)
+    engine = Engine(model_dir, provider=provider, threads=threads, shares_cores=True)  # with the event loop
     app = create_app(engine, config)
     print(f"gpt2-onnx: serving {engine.model_dir} as {config.model_name or engine.model_dir.name!r} on "
           f"http://{config.host}:{config.port}/v1 (max batch {config.max_batch})", flush=True)

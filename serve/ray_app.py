@@ -127,7 +127,7 @@ class Gpt2OnnxReplica:
 
 def load_engine(spec: RaySpec) -> Engine:
     try:
-        return Engine(spec.model_dir, provider=spec.provider, threads=spec.threads)
+        return Engine(spec.model_dir, provider=spec.provider, threads=spec.threads, shares_cores=True)
     except Gpt2OnnxError as exc:
         raise Gpt2OnnxError(f"on node {os.uname().nodename}: {exc}. Every Ray node reads the model from the same "
                             "path: put it on a shared file system or copy it to each node") from None

@@ -183,3 +183,17 @@ def test_int8_on_matmulnbits_from_the_command_line(tiny_checkpoint, tmp_path):
 def test_on_cuda_every_pass_runs_on_the_main_graph(int4_export):
     engine = Engine(int4_export, provider="cuda")
     assert engine.batched_session is None and engine.new_decoder().batched is None
+
+
+def test_two_sessions_on_the_same_cores_stop_spinning_between_runs(int4_export, tiny_export):
+    # each session's thread pool spins on after a run; beside another session it would slow that one's next run
+    def stops_spinning(session) -> bool:
+        try:
+            return session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+        except Exception:  # noqa: BLE001 - onnxruntime raises for an entry that was never set
+            return False
+
+    engine = Engine(int4_export)
+    assert stops_spinning(engine.session) and stops_spinning(engine.batched_session)
+    assert not stops_spinning(Engine(tiny_export).session)  # one session alone: spinning between steps pays
+    assert stops_spinning(Engine(tiny_export, shares_cores=True).session)  # as the server asks, beside its event loop
