@@ -89,13 +89,9 @@ class GraphWriter:
         k, n = weight_kn.shape
         bits = self.quant.block_bits
         if bits == 4 or (bits == 8 and self.quant.int8_kernel == "MatMulNBits"):
-            q = quantize_blockwise(weight_kn, bits, self.quant.block_size, self.quant.symmetric)
-            self.max_weight_error = max(self.max_weight_error, q.max_abs_error)
-            inputs = [x, self.weight(f"{name}.qweight", q.packed), self.weight(f"{name}.scales", q.scales.reshape(-1)),
-                      self.weight(f"{name}.zeros", q.zero_points) if q.zero_points is not None else "", "",
-                      self.weight(f"{name}.bias", bias) if bias is not None else ""]
-            return self.op("MatMulNBits", _trim(inputs), f"{name}/MatMulNBits", domain="com.microsoft", K=k, N=n,
-                           bits=bits, block_size=self.quant.block_size, accuracy_level=self.quant.accuracy_level)[0]
+            stored = self.blockwise(name, weight_kn, bits, self.quant.symmetric)
+            return self.matmul_nbits(name, x, stored, k, n, bits,
+                                     self.weight(f"{name}.bias", bias) if bias is not None else "")
         if bits == 8:
             q8, scales, error = quantize_per_channel_int8(weight_kn)
             self.max_weight_error = max(self.max_weight_error, error)
@@ -111,6 +107,18 @@ class GraphWriter:
         if bias is None:
             return out
         return self.op("Add", [out, self.weight(f"{name}.bias", bias.astype(dtype, copy=False))], f"{name}/Add")[0]
+
+    def blockwise(self, name: str, weight_kn: np.ndarray, bits: int, symmetric: bool) -> list[str]:
+        """W [K, N] quantized into MatMulNBits blocks and stored: [packed, scales, zero points or ""]."""
+        q = quantize_blockwise(weight_kn, bits, self.quant.block_size, symmetric)
+        self.max_weight_error = max(self.max_weight_error, q.max_abs_error)
+        return [self.weight(f"{name}.qweight", q.packed), self.weight(f"{name}.scales", q.scales.reshape(-1)),
+                self.weight(f"{name}.zeros", q.zero_points) if q.zero_points is not None else ""]
+
+    def matmul_nbits(self, name: str, x: str, stored: list[str], k: int, n: int, bits: int, bias: str = "") -> str:
+        """x @ W for W stored by `blockwise` (K x N, `bits` wide), plus an optional stored bias."""
+        return self.one("MatMulNBits", _trim([x, *stored, "", bias]), f"{name}/MatMulNBits", domain="com.microsoft",
+                        K=k, N=n, bits=bits, block_size=self.quant.block_size, accuracy_level=self.quant.accuracy_level)
 
     def to_compute(self, x: str, name: str) -> str:
         """The residual stream is fp32; in fp16 graphs the products read an fp16 copy of it."""

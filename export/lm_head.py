@@ -20,7 +20,6 @@ from collections.abc import Callable
 import numpy as np
 from onnx import TensorProto, helper
 
-from .quantize import quantize_blockwise
 
 # Rows x logits positions up to which the shortlist runs; wider passes take the full 8-bit head. Measured
 # in the gpt2 int8 graph (AVX-512 VNNI host, 2 threads): see README's quantization section.
@@ -35,10 +34,8 @@ def embedding_and_head(g, wte: np.ndarray, shape) -> tuple[Head, Head]:
     if bits is None:
         return _dense(g, wte, shape)
     # block-wise, symmetric: GatherBlockQuantized reads the very bytes MatMulNBits multiplies with
-    q = quantize_blockwise(wte.T, bits, g.quant.block_size, symmetric=True)  # N = V rows, K = E
-    g.max_weight_error = max(g.max_weight_error, q.max_abs_error)
-    table = g.weight("wte.qweight", q.packed)  # [V, E/block, block*bits/8]
-    scales = g.weight("wte.scales", q.scales.reshape(-1))
+    stored = g.blockwise("wte", wte.T, bits, symmetric=True)  # N = V rows, K = E: [V, E/block, block*bits/8]
+    table, scales = stored[:2]
     row_scales = g.one("Reshape", [scales, g.weight("wte.scales_shape", np.array([shape.vocab_size, -1, 1]))],
                        "/model/embed_tokens/scales/Reshape")
 
@@ -53,9 +50,7 @@ def embedding_and_head(g, wte: np.ndarray, shape) -> tuple[Head, Head]:
         return gather_rows(ids, "/model/embed_tokens", 2)  # [B, S]
 
     def head(x: str, name: str = "/lm_head") -> str:
-        return g.one("MatMulNBits", [x, table, scales], f"{name}/MatMulNBits", domain="com.microsoft",
-                     K=shape.n_embd, N=shape.vocab_size, bits=bits, block_size=g.quant.block_size,
-                     accuracy_level=g.quant.accuracy_level)
+        return g.matmul_nbits(name, x, stored, shape.n_embd, shape.vocab_size, bits)
 
     shortlist = min(g.quant.shortlist, shape.vocab_size)
     if not shortlist:
@@ -65,9 +60,7 @@ def embedding_and_head(g, wte: np.ndarray, shape) -> tuple[Head, Head]:
 
 def _shortlisted(g, wte: np.ndarray, shape, shortlist: int, full_head: Head,
                  gather_rows: Callable[[str, str, int], str]) -> Head:
-    q4 = quantize_blockwise(wte.T, 4, g.quant.block_size, symmetric=True)
-    table4 = g.weight("wte.qweight4", q4.packed)
-    scales4 = g.weight("wte.scales4", q4.scales.reshape(-1))
+    stored4 = g.blockwise("wte4", wte.T, 4, symmetric=True)  # its error counts: the tail's scores come from it
     k = g.weight("lm_head.shortlist", np.array([shortlist], np.int64))
     last_axis = g.weight("lm_head.last_axis", np.array([-1], np.int64))
 
@@ -77,9 +70,7 @@ def _shortlisted(g, wte: np.ndarray, shape, shortlist: int, full_head: Head,
         few = g.one("LessOrEqual", [rows, g.weight("lm_head.shortlist_max_rows", np.array(SHORTLIST_MAX_ROWS))],
                     f"{name}/few_rows")
         with g.branch() as short_nodes:
-            approx = g.one("MatMulNBits", [x, table4, scales4], f"{name}/approx/MatMulNBits", domain="com.microsoft",
-                           K=shape.n_embd, N=shape.vocab_size, bits=4, block_size=g.quant.block_size,
-                           accuracy_level=g.quant.accuracy_level)
+            approx = g.matmul_nbits(f"{name}/approx", x, stored4, shape.n_embd, shape.vocab_size, 4)
             ids = g.op("TopK", [approx, k], f"{name}/TopK", n_out=2, axis=-1)[1]  # [B, N, shortlist]
             candidates = gather_rows(ids, f"{name}/candidates", 3)  # [B, N, shortlist, E], from the 8-bit table
             column = g.one("Unsqueeze", [x, last_axis], f"{name}/Unsqueeze")  # [B, N, E, 1]
