@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -22,7 +24,7 @@ def head_session(wte: np.ndarray, **recipe) -> ort.InferenceSession:
     """hidden [B, N, E] -> logits [B, N, V] through the head alone; accuracy_level 0: fp32 products,
     so every difference below comes from the weights' bits and the shortlist, not activation rounding."""
     g = GraphWriter(QuantConfig("int8", block_size=BLOCK, accuracy_level=0, **recipe))
-    _, head = embedding_and_head(g, wte, SHAPE)
+    _, head = embedding_and_head(g, wte, replace(SHAPE, vocab_size=len(wte)))
     head("hidden")
     g.nodes[-1].output[0] = "logits"
     graph = helper.make_graph(g.nodes, "head", [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, None)],
@@ -55,6 +57,14 @@ def test_the_shortlist_is_rescored_exactly_from_the_8_bit_table(heads, rows, pos
     # greedy picks the 8-bit head's argmax (random weights: it is among the 4-bit top 16 here)
     assert (logits.argmax(-1) == full.argmax(-1)).all()
     assert not np.allclose(logits, full, atol=1e-3)  # and the tail really is 4-bit
+
+
+def test_a_vocabulary_smaller_than_the_shortlist_is_rescored_whole():
+    wte = np.random.default_rng(2).standard_normal((SHORTLIST // 2, WIDTH)).astype(np.float32)  # V < shortlist
+    hidden = np.random.default_rng(3).standard_normal((2, 1, WIDTH)).astype(np.float32)
+    logits = head_session(wte, head_shortlist=SHORTLIST).run(None, {"hidden": hidden})[0]
+    rows8 = dequantize(quantize_blockwise(wte.T, 8, BLOCK, symmetric=True)).T
+    np.testing.assert_allclose(logits, hidden @ rows8.T, rtol=1e-5, atol=1e-4)  # every token exact from 8 bits
 
 
 def test_wide_passes_take_the_whole_8_bit_head(heads):
