@@ -95,7 +95,11 @@ class Board:
         self.latest: dict[str, Snapshot] = {}
 
     def put(self, snap: Snapshot) -> None:
-        self.latest[snap.replica] = snap
+        # The replica's pusher and its /metrics handler both send: one taken earlier may land later, and a
+        # counter must never step back (Prometheus would read a restart)
+        held = self.latest.get(snap.replica)
+        if held is None or snap.taken >= held.taken:
+            self.latest[snap.replica] = snap
 
     def render(self) -> str:
         now = time.time()

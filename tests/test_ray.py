@@ -26,6 +26,8 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 import yaml  # noqa: E402  (a dependency of ray)
 
+from gpt2_onnx.serve.ray_metrics import PUSH_PERIOD_S  # noqa: E402
+
 from tests import test_server as single  # noqa: E402
 from tests.test_server import (MODEL, PROMPTS, client, engine, free_port, running_server, stop,  # noqa: E402,F401
                                stream_in_background, wait_healthy)
@@ -69,13 +71,37 @@ def alive_replica_actors() -> list:
     return list_actors(filters=[("class_name", "=", REPLICA_CLASS), ("state", "=", "ALIVE")])
 
 
-def wait_for(condition, timeout_s: float, what: str):
+def wait_for(condition, timeout_s: float, what: str, last_seen=lambda: ""):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if value := condition():
             return value
         time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout_s} s")
+    raise AssertionError(f"{what}: not within {timeout_s} s{last_seen()}")
+
+
+def settled_metrics(url: str) -> dict[str, float]:
+    """Per-replica request counts once every replica's latest push has landed: two reads, three push periods
+    apart, that agree (a read right after a request can show another replica's count from before it)."""
+    last = replica_metrics(url)
+    for _ in range(20):
+        time.sleep(3 * PUSH_PERIOD_S)
+        if (now := replica_metrics(url)) == last:
+            return now
+        last = now
+    raise AssertionError(f"the replicas' request counts never settled: {last}")
+
+
+def wait_counted(url: str, before: dict[str, float], requests: int, timeout_s: float = 30) -> dict[str, float]:
+    """The per-replica request counts once the deployment's /metrics sums `requests` more than `before`."""
+    seen: list = []
+
+    def counted():
+        seen[:] = [replica_metrics(url)]
+        return sum(seen[0].values()) - sum(before.values()) == requests and seen[0]
+
+    return wait_for(counted, timeout_s, f"{requests} requests counted",
+                    lambda: f"; before {before}, last seen {seen}:\n{httpx.get(f'{url}/metrics').text[-3000:]}")
 
 
 # -- a local Ray of the CLI's own: SIGINT or SIGTERM ends it ---------------------------------------------
@@ -140,7 +166,7 @@ def expected_text(client_: OpenAI, prompt: str) -> str:
 
 
 def test_64_requests_from_16_clients_complete_spread_over_both_replicas(server, engine):
-    before = replica_metrics(server)
+    before = settled_metrics(server)
     rng = random.Random(1)
     jobs = [(rng.choice(PROMPTS), rng.randint(8, 48), rng.random() < 0.5) for _ in range(64)]
 
@@ -161,8 +187,7 @@ def test_64_requests_from_16_clients_complete_spread_over_both_replicas(server, 
         answers = list(pool.map(ask, jobs))
     for (prompt, max_tokens, _), text in zip(jobs, answers):
         assert text == engine.generate(prompt, max_new_tokens=max_tokens).text
-    after = wait_for(lambda: (m := replica_metrics(server)) and sum(m.values()) - sum(before.values()) == 64 and m,
-                     10, "all 64 requests counted")
+    after = wait_counted(server, before, 64)
     served = {replica: after[replica] - before.get(replica, 0) for replica in after}
     print(f"requests per replica: {served}")
     assert len(served) == 2 and min(served.values()) > 0
@@ -253,12 +278,11 @@ def test_a_killed_replica_fails_its_requests_clearly_and_ray_replaces_it(server,
                         120, "Ray bringing a second replica back")
     pids = {actor.pid for actor in replaced}
     wait_for(lambda: replica_pids(server) == pids, 30, "the new replica reporting metrics")
-    before = replica_metrics(server)
+    before = settled_metrics(server)
     with ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(lambda p: OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
                               .completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0)
                               .choices[0].text, PROMPTS * 2))
     assert texts == [engine.generate(p, max_new_tokens=16).text for p in PROMPTS * 2]
-    after = wait_for(lambda: (m := replica_metrics(server)) and sum(m.values()) - sum(before.values()) == 16 and m,
-                     10, "the 16 later requests counted")
+    after = wait_counted(server, before, 16)
     assert all(after[r] > before.get(r, 0) for r in after), (before, after)  # both replicas served

@@ -85,6 +85,15 @@ def test_a_replica_not_heard_from_leaves_the_sums():
     assert list(board.latest) == ["r1"]
 
 
+def test_a_snapshot_that_lands_late_never_steps_a_counter_back():
+    board = Board()
+    earlier, later = _snapshot("r1", 3, 0, 0.1), _snapshot("r1", 4, 0, 0.1)
+    earlier = type(earlier)(**{**earlier.__dict__, "taken": later.taken - 1})
+    board.put(later)
+    board.put(earlier)  # the pusher's, sent before the /metrics handler's but delivered after it
+    assert "gpt2_onnx_completion_requests_total 4" in board.render().splitlines()
+
+
 def test_a_replica_whose_scheduler_died_fails_its_health_check():
     from types import SimpleNamespace
 
