@@ -65,7 +65,8 @@ class ExportCache:
         def build(out: Path) -> None:
             # quality is measured by the suite's own parity stage, on its own text
             export_model(str(self.checkpoint()), out, quant=quant, eval_windows=0, log=lambda _: None)
-        recipe = hashlib.sha256(repr(quant).encode()).hexdigest()[:8]  # a new default recipe, a new export
+        # a new default recipe or a changed graph builder, a new export
+        recipe = hashlib.sha256((repr(quant) + _export_code_stamp()).encode()).hexdigest()[:8]
         return self.folder(f"engine-{precision}-{recipe}", build)
 
     def optimum(self, precision: str) -> Path:
@@ -116,6 +117,16 @@ def _copy_tokenizer(source: Path, target: Path) -> None:
                  "merges.txt", "special_tokens_map.json"):
         if (source / name).exists() and not (target / name).exists():
             shutil.copy(source / name, target / name)
+
+
+def _export_code_stamp() -> str:
+    """The exporter's own source: an engine export made by other code is another artifact."""
+    import gpt2_onnx.export as package
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _source_stamp(source: str) -> str | None:

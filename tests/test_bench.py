@@ -99,3 +99,16 @@ def test_bad_bench_arguments_exit_2():
     done = subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", "bench", "--systems", "engine-fp32,vllm"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown system(s) vllm" in done.stderr
+
+
+def test_an_engine_export_made_by_other_exporter_code_is_not_reused(monkeypatch, tmp_path):
+    from gpt2_onnx.benchmarks import exports
+
+    artifacts = []
+    monkeypatch.setattr(exports.ExportCache, "folder", lambda self, artifact, build: artifacts.append(artifact))
+    cache = exports.ExportCache("random:tiny", root=tmp_path)
+    cache.engine("int8")
+    cache.engine("int8")
+    monkeypatch.setattr(exports, "_export_code_stamp", lambda: "a changed graph builder")
+    cache.engine("int8")
+    assert artifacts[0] == artifacts[1] != artifacts[2]
