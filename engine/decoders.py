@@ -78,9 +78,9 @@ class SharedBufferDecoder:
     """The fast graph: one KV buffer per layer and kind, [capacity, H, T_max, D], allocated once and bound
     as both past and present, so GroupQueryAttention writes only each step's new row in place.
 
-    Rows are slots: `add` prefills a prompt into the next free slot (each slot's slice of the buffer is
-    contiguous, so it is bound by pointer; no padding is computed), even while other rows are
-    mid-generation. Decode steps run the first `rows` slots together with one `seqlens_k` per row;
+    Rows are slots: `add` prefills a prompt into the next free slot, `add_many` several prompts into the next
+    free slots in one pass (a run of slots is a contiguous slice of the buffer, so it is bound by pointer),
+    even while other rows are mid-generation. Decode steps run the first `rows` slots together with one `seqlens_k` per row;
     `remove` keeps the live rows packed at the front by moving the last row into the hole.
 
     With a `batched` session (the export's batched graph: same IO, same cache layout, another kernel),
@@ -126,7 +126,8 @@ class SharedBufferDecoder:
 
     def prefill(self, prompts: list[list[int]], max_length: int | None = None) -> np.ndarray:
         self.allocate(len(prompts), max_length or self.manifest.n_positions)
-        return np.stack([self.add(prompt)[-1] for prompt in prompts])
+        groups = prefill_groups([len(prompt) for prompt in prompts])
+        return np.concatenate([self.add_many([prompts[i] for i in group]) for group in groups])
 
     def add(self, prompt: list[int], all_logits: bool = False) -> np.ndarray:
         """Prefill `prompt` into the next free row; logits [S, V] at every position, or [1, V] at the last."""
@@ -143,6 +144,31 @@ class SharedBufferDecoder:
         self.lengths[self.rows] = length
         self.rows += 1
         return logits[0]
+
+    def add_many(self, prompts: list[list[int]]) -> np.ndarray:
+        """Prefill several prompts into the next free rows in one pass; logits [k, V] at each last token.
+
+        The prompts are padded on the right to the longest: GroupQueryAttention takes each row's length from
+        `seqlens_k`, and the padding's cache entries lie past the row's length, where its decode steps write."""
+        if len(prompts) == 1:
+            return self.add(prompts[0])
+        k, width = len(prompts), max(len(p) for p in prompts)
+        if self.rows + k > self.capacity or width > self.max_length:
+            raise Gpt2OnnxError(f"no room for {k} prompts of up to {width} tokens: {self.rows} of {self.capacity} "
+                                f"rows in use, {self.max_length} tokens each")
+        lengths = np.array([len(p) for p in prompts], np.int64)
+        ids = np.zeros((k, width), np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)] = prompt
+        last = np.unique(lengths - 1)  # the LM head runs at each distinct last position, for every row
+        logits = np.zeros((k, len(last), self.manifest.vocab_size), np.float32)
+        inputs = [ids, np.broadcast_to(np.arange(width, dtype=np.int64), (k, width)).copy(),
+                  (lengths - 1).astype(np.int32), np.array(width, np.int32), last]
+        session = self.session_for(k * width)
+        session.run_with_iobinding(self._binding(session, k, self.rows, inputs, logits))
+        self.lengths[self.rows:self.rows + k] = lengths
+        self.rows += k
+        return logits[np.arange(k), np.searchsorted(last, lengths - 1)]
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         n = self.rows
@@ -196,6 +222,28 @@ class SharedBufferDecoder:
             binding.bind_input(past, **view)
             binding.bind_output(present, **view)
         return binding
+
+
+# One pass over prompts of k rows, padded to the longest, costs like k x longest tokens, plus k LM-head rows at
+# every distinct last position; one pass instead of k saves k-1 reads of the weights and the per-run costs
+# (gpt2 int8, 2 threads: 4 prompts of 32 tokens 52 -> 38 ms, 32 of 16 tokens 285 -> 157 ms; tiny model
+# 12.8 -> 4.0 ms). So prompts go together while the waste stays within PADDING_SLACK of their real tokens
+# (counting a wasted head row as one token), and a pass holds at most MAX_PASS_TOKENS, which bounds its
+# activations and attention scores (~rows x 12 heads x width^2 floats).
+PADDING_SLACK = 0.25
+MAX_PASS_TOKENS = 2048
+
+
+def prefill_groups(lengths: list[int]) -> list[range]:
+    """Runs of consecutive prompts (by their lengths) to prefill in one pass each, in order."""
+    groups, start = [], 0
+    for end in range(1, len(lengths)):
+        run = lengths[start:end + 1]
+        waste = len(run) * max(run) - sum(run) + len(run) * (len(set(run)) - 1)
+        if waste > PADDING_SLACK * sum(run) or len(run) * max(run) > MAX_PASS_TOKENS:
+            groups.append(range(start, end))
+            start = end
+    return groups + [range(start, len(lengths))] if lengths else []
 
 
 HUGE_PAGES_FROM = 4 * 1024 * 1024  # bytes

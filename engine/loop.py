@@ -1,7 +1,7 @@
 """The one decode loop: rows of a batch over one decoder, as gpt-fast's prefill / decode_one_token split.
 
     start(rows)      prefill a first set of rows together; each chooses its first token
-    admit(row)       prefill one more row into a free slot while the others decode (fast graph)
+    admit(rows)      prefill more rows into free slots while the others decode (fast graph)
     step()           one decode step: every live row chooses and appends its next token
     drop_finished()  rows that ended (EOS, stop string, length, error, cancelled) leave the decoder
 
@@ -21,6 +21,7 @@ from gpt2_onnx.errors import first_line
 
 from .config import GenerationConfig, GenerationResult, Timings
 from .detokenize import IncrementalText, safe_end
+from .decoders import prefill_groups
 from .sampling import TokenLogprob, choose_token, token_logprobs
 
 
@@ -60,16 +61,16 @@ class Row:
         config = self.config
         if not self.new_ids:
             config.check_vocab(logits.shape[-1])
+        held_back = None
         if len(self.new_ids) < config.min_new_tokens:
-            logits = logits.copy()
-            logits[[self.eos_token_id, *(config.stop_token_ids or ())]] = -np.inf  # no end allowed yet
+            held_back = [self.eos_token_id, *(config.stop_token_ids or ())]  # no end allowed yet
         if config.repetition_penalty != 1.0 and self.seen is None:
             self.seen = np.zeros(logits.shape[-1], bool)
             self.seen[self.prompt] = True
         if (config.presence_penalty or config.frequency_penalty) and self.counts is None:
             self.counts = np.zeros(logits.shape[-1], np.int64)
             np.add.at(self.counts, self.new_ids, 1)
-        return choose_token(logits, config, self.rng, self.seen, self.counts)
+        return choose_token(logits, config, self.rng, self.seen, self.counts, held_back)
 
     def append(self, token: int) -> None:
         self.new_ids.append(token)
@@ -145,10 +146,42 @@ class Batch:
             row.prefill_ms = elapsed
             self._first_token(row, row_logits)
 
-    def admit(self, row: Row) -> None:
-        """Prefill one row into a free slot of a running batch (the fast graph's shared buffer)."""
+    def admit(self, rows: list[Row]) -> None:
+        """Prefill rows into free slots of a running batch (the fast graph's shared buffer): runs of prompts
+        of similar length in one pass each (decoders.prefill_groups). A pass that fails is retried row by
+        row, so that a prompt that cannot be prefilled ends alone, with "error"."""
+        plain = [row for row in rows if not row.score_prompt]
+        for group in prefill_groups([len(row.prompt) for row in plain]):
+            together = [plain[i] for i in group]
+            if len(together) > 1 and self._prefill_together(together):
+                continue
+            for row in together:
+                self._admit_one(row)
+        for row in rows:
+            if row.score_prompt:
+                self._admit_one(row)
+
+    def _prefill_together(self, rows: list[Row]) -> bool:
         started = time.perf_counter()
-        logits = self.decoder.add(row.prompt, all_logits=row.score_prompt)  # [S or 1, V]
+        try:
+            logits = self.decoder.add_many([row.prompt for row in rows])  # [k, V] at each last token
+        except Exception:  # noqa: BLE001 - retried one by one by the caller, which names the row at fault
+            return False
+        elapsed = (time.perf_counter() - started) * 1e3
+        self.rows += rows
+        for row, row_logits in zip(rows, logits):
+            row.prefill_ms = elapsed
+            self._first_token(row, row_logits)
+        return True
+
+    def _admit_one(self, row: Row) -> None:
+        started = time.perf_counter()
+        try:
+            logits = self.decoder.add(row.prompt, all_logits=row.score_prompt)  # [S or 1, V]
+        except Exception as exc:  # noqa: BLE001 - this prompt failed; the batch goes on
+            row.finish("error", f"prefill failed: {type(exc).__name__}: {first_line(exc)}")
+            self.on_token(row)
+            return
         row.prefill_ms = (time.perf_counter() - started) * 1e3
         self.rows.append(row)
         if row.score_prompt:

@@ -77,16 +77,29 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def choose_token(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator,
-                 seen: np.ndarray | None = None, counts: np.ndarray | None = None) -> int:
+                 seen: np.ndarray | None = None, counts: np.ndarray | None = None,
+                 held_back: list[int] | None = None) -> int:
     """One row of logits [V] -> the next token id. `seen` [V] bool marks the prompt's and the new tokens
-    (repetition penalty); `counts` [V] counts the new tokens (presence and frequency penalties)."""
-    logits = apply_logit_bias(logits.astype(np.float64), config.logit_bias)
-    logits = apply_openai_penalties(logits, counts, config.presence_penalty, config.frequency_penalty)
-    logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-    if not np.isfinite(logits.max()):
+    (repetition penalty); `counts` [V] counts the new tokens (presence and frequency penalties);
+    `held_back` tokens cannot be chosen (min_tokens: no end yet). `logits` is never written to."""
+    adjusted = bool(config.logit_bias) or counts is not None or seen is not None or not config.greedy
+    if adjusted:
+        logits = apply_logit_bias(logits.astype(np.float64), config.logit_bias)
+        logits = apply_openai_penalties(logits, counts, config.presence_penalty, config.frequency_penalty)
+        logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+        if held_back:
+            logits[held_back] = -np.inf  # (a copy by now)
+    # else plain greedy: the argmax of the float32 row as it is; a 32-row server step on a tiny model spent
+    # more on copying rows than on the model
+    best = int(np.argmax(logits))  # a NaN anywhere is picked first, an inf is the max
+    if held_back and not adjusted and best in held_back:  # plain greedy chose an end too early
+        logits = logits.copy()
+        logits[held_back] = -np.inf
+        best = int(np.argmax(logits))
+    if not np.isfinite(logits[best]):
         raise FloatingPointError("the model produced non-finite logits")
     if config.greedy:
-        return int(np.argmax(logits))
+        return best
     # float64 and bounded settings (config.py) keep logits / temperature finite, so softmax has no NaN
     logits = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
     probs = softmax(logits)

@@ -1,8 +1,8 @@
 """Continuous batching: requests join the running batch between decode steps and leave as soon as they end.
 
 One thread owns a `Batch` over the engine's shared KV buffer (one slot per running job). Each turn it
-admits waiting jobs into free slots (one prefill each: GroupQueryAttention refuses a batched prefill on a
-non-empty past), runs one decode step of the batch, and hands each job its new text through its `emit`
+admits waiting jobs into free slots (prompts that arrived together are prefilled together, one pass over
+their slots), runs one decode step of the batch, and hands each job its new text through its `emit`
 callback. The decode loop itself is loop.py's; this module keeps only queueing, admission and delivery.
 
 Isolation: a job whose prefill, token choice or callback fails ends alone with an "error" event; a failed
@@ -135,8 +135,7 @@ class Scheduler:
                 return False
             free = self.config.max_batch - len(self.batch.rows)
             admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), free))]
-        for job in admitted:
-            self._admit(job)
+        self._admit([job for job in admitted if not job.row.cancelled])
         self._drop_finished()
         if self.batch.rows:
             started = time.perf_counter()
@@ -148,17 +147,13 @@ class Scheduler:
             self._drop_finished()
         return True
 
-    def _admit(self, job: Job) -> None:
-        if job.row.cancelled:
-            return
-        self.jobs[id(job.row)] = job
-        self.metrics.count("prompt_tokens_total", len(job.row.prompt))
-        try:
-            self.batch.admit(job.row)
-        except Exception as exc:  # noqa: BLE001 - this prompt failed; the batch goes on
-            job.row.finish("error", f"prefill failed: {type(exc).__name__}: {first_line(exc)}")
-            self._deliver(job.row)
-            if job.row not in self.batch.rows:  # it never got a slot: nothing will drop it
+    def _admit(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self.jobs[id(job.row)] = job
+            self.metrics.count("prompt_tokens_total", len(job.row.prompt))
+        self.batch.admit([job.row for job in jobs])  # a prompt that fails ends alone, its event delivered
+        for job in jobs:
+            if job.row.done and job.row not in self.batch.rows:  # it never got a slot: nothing will drop it
                 self.jobs.pop(id(job.row), None)
 
     def _deliver(self, row: Row) -> None:

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gpt2_onnx.engine import Engine, GenerationConfig
 from gpt2_onnx.errors import Gpt2OnnxError
@@ -256,6 +258,38 @@ def test_rows_join_and_leave_a_running_shared_buffer(tiny_engine):
     got = decoder.decode(np.array([11, late])).copy()
     for prompt, row in ((ids[1] + [int(first[1]), 11], got[0]), (ids[2] + [int(late)], got[1])):
         np.testing.assert_allclose(row, tiny_engine.new_decoder().prefill([prompt])[0], atol=1e-4)
+
+
+def test_prompts_prefilled_together_match_one_by_one(tiny_engine):
+    """One pass over several prompts of different lengths (padded on the right), next to a running row and
+    over slots that hold an earlier row's cache, gives each row the logits and cache of its own prefill."""
+    running = tiny_engine.encode(PROMPTS["code"])
+    prompts = [tiny_engine.encode(PROMPTS[name]) for name in ("ascii", "long", "one-token", "ascii")]
+    tokens = np.array([5, 6, 7, 8, 9])
+    got = []
+    for together in (False, True):
+        decoder = tiny_engine.new_decoder()
+        decoder.allocate(capacity=5, max_length=96)
+        for array in decoder.arrays:
+            array[...] = 7.0  # what rows that left wrote
+        decoder.add(running)
+        first = decoder.add_many(prompts) if together else np.concatenate([decoder.add(p) for p in prompts])
+        got.append([first] + [decoder.decode(tokens).copy() for _ in range(3)])
+    for one_by_one, together in zip(*got):
+        np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+@given(st.lists(st.integers(1, 1024), max_size=40))
+def test_prefill_groups_cover_the_prompts_in_order_within_their_bounds(lengths):
+    from gpt2_onnx.engine.decoders import MAX_PASS_TOKENS, PADDING_SLACK, prefill_groups
+
+    groups = prefill_groups(lengths)
+    assert [i for group in groups for i in group] == list(range(len(lengths)))
+    for group in groups:
+        run = [lengths[i] for i in group]
+        waste = len(run) * max(run) - sum(run) + len(run) * (len(set(run)) - 1)
+        assert len(run) == 1 or (waste <= PADDING_SLACK * sum(run) and len(run) * max(run) <= MAX_PASS_TOKENS)
+    assert len(prefill_groups([32] * 16)) == 1  # a burst of equal prompts: one pass
 
 
 def test_prompt_logits_at_every_position_match_torch(tiny_engine, tiny_torch_model):

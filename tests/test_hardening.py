@@ -113,18 +113,29 @@ def test_a_failing_token_choice_ends_its_row_alone(engine):
 
 
 def test_a_failing_prefill_ends_its_request_alone_and_later_ones_are_admitted(engine):
+    passes = []
+
     def poison(scheduler, jobs):
-        add = scheduler.batch.decoder.add
+        decoder = scheduler.batch.decoder
+        add, add_many = decoder.add, decoder.add_many
 
         def failing_add(prompt, all_logits=False):
             if prompt == jobs[1].row.prompt:
                 raise RuntimeError("injected into prefill")
             return add(prompt, all_logits)
-        scheduler.batch.decoder.add = failing_add
-    got = run_jobs(engine, PROMPTS[:4], CONFIG, poison)
+
+        def failing_add_many(prompts):  # a pass over several prompts fails if one of them is the poisoned one
+            passes.append(len(prompts))
+            if jobs[1].row.prompt in prompts:
+                raise RuntimeError("injected into prefill")
+            return add_many(prompts)
+        decoder.add, decoder.add_many = failing_add, failing_add_many
+    prompts = ["Hello there", "Hello world", "Hello again", "Hi you"]  # similar lengths: one pass together
+    got = run_jobs(engine, prompts, CONFIG, poison)
+    assert passes and max(passes) > 1  # they were tried together, then one by one
     assert got[1].finish == "error" and "injected into prefill" in got[1].events[-1].error
-    for i in (0, 2, 3):  # admitted in the same turn, after the poison: each gets its answer
-        assert got[i].text == alone(engine, PROMPTS[i], CONFIG)
+    for i in (0, 2, 3):  # admitted in the same turn as the poison: each gets its answer
+        assert got[i].text == alone(engine, prompts[i], CONFIG)
 
 
 def test_a_failing_decode_step_fails_the_running_rows_and_the_scheduler_goes_on(engine):

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from gpt2_onnx.cli import add_generation_options, generation_config
 from gpt2_onnx.engine import Engine, GenerationConfig
 from gpt2_onnx.engine.config import ConfigError
-from gpt2_onnx.engine.sampling import apply_openai_penalties, rank_by_mean_logprob
+from gpt2_onnx.engine.sampling import apply_openai_penalties, choose_token, rank_by_mean_logprob
 from gpt2_onnx.serve.app import ServerConfig, create_app
 
 PROMPT = "The quick brown fox"
@@ -79,6 +79,28 @@ def test_apply_openai_penalties_matches_a_loop():
     for j in range(50):
         expected[j] -= counts[j] * 0.3 + (0.5 if counts[j] > 0 else 0.0)
     np.testing.assert_allclose(apply_openai_penalties(logits, counts, 0.5, 0.3), expected)
+
+
+def test_plain_greedy_is_the_float64_argmax_and_refuses_non_finite_logits():
+    rng, greedy = np.random.default_rng(0), GenerationConfig(do_sample=False)
+    for _ in range(200):  # coarse values: many ties, where the first index must win as before
+        logits = rng.integers(-3, 4, 1000).astype(np.float32)
+        assert choose_token(logits, greedy, rng) == int(np.argmax(logits.astype(np.float64)))
+    biased = GenerationConfig(do_sample=False, logit_bias={7: 100.0})
+    assert choose_token(np.zeros(10, np.float32), biased, rng) == 7
+    for bad in (np.nan, np.inf):
+        for config in (greedy, GenerationConfig(temperature=0.7)):
+            logits = np.zeros(10, np.float32)
+            logits[3] = bad
+            with pytest.raises(FloatingPointError, match="non-finite"):
+                choose_token(logits, config, rng)
+    with pytest.raises(FloatingPointError):
+        choose_token(np.full(10, -np.inf, np.float32), greedy, rng)
+    row = np.array([0, 5, 1, 4, 0], np.float32)  # min_tokens holds back tokens 1 and 3 (EOS, a stop id)
+    for config in (greedy, GenerationConfig(do_sample=False, logit_bias={1: 9.0}), GenerationConfig(temperature=1.0)):
+        assert {choose_token(row, config, rng, held_back=[1, 3]) for _ in range(20)} <= {0, 2, 4}
+    assert choose_token(row, greedy, rng, held_back=[1, 3]) == 2
+    assert row.tolist() == [0, 5, 1, 4, 0]  # the decoder's buffer is left as it was
 
 
 def test_stop_token_ids_match_transformers_eos_list(tiny_engine, tiny_torch_model):
