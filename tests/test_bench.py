@@ -95,6 +95,27 @@ def test_concurrency_gain_on_a_real_server(tiny_export):
     assert round_["sequential_s"] > 0 and round_["concurrent_s"] > 0 and round_["gain"] > 0
 
 
+def test_the_bench_client_keeps_its_connection_and_reports_errors(tiny_export):
+    import asyncio
+
+    from gpt2_onnx.benchmarks.serving import Connection, _server
+
+    async def talk(url):
+        connection = await Connection(url).open()
+        try:
+            answers = [await connection.post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2})
+                       for _ in range(3)]  # one connection, three requests
+            with pytest.raises(RuntimeError, match="400"):
+                await connection.post("/v1/completions", {"prompt": [1], "max_tokens": -1})
+            return answers
+        finally:
+            connection.close()
+
+    with _server(tiny_export, threads=1, max_batch=2) as url:
+        answers = asyncio.run(talk(url))
+    assert [a["usage"]["completion_tokens"] for a in answers] == [2, 2, 2]
+
+
 def test_bad_bench_arguments_exit_2():
     done = subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", "bench", "--systems", "engine-fp32,vllm"],
                           capture_output=True, text=True, timeout=120)
