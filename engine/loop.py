@@ -20,8 +20,8 @@ import numpy as np
 from gpt2_onnx.errors import first_line
 
 from .config import GenerationConfig, GenerationResult, Timings
-from .detokenize import IncrementalText, safe_end
 from .decoders import prefill_groups
+from .detokenize import IncrementalText, safe_end
 from .sampling import TokenLogprob, choose_token, token_logprobs
 
 
