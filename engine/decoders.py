@@ -80,8 +80,8 @@ class SharedBufferDecoder:
 
     Rows are slots: `add` prefills a prompt into the next free slot, `add_many` several prompts into the next
     free slots in one pass (a run of slots is a contiguous slice of the buffer, so it is bound by pointer),
-    even while other rows are mid-generation. Decode steps run the first `rows` slots together with one `seqlens_k` per row;
-    `remove` keeps the live rows packed at the front by moving the last row into the hole.
+    even while other rows are mid-generation. Decode steps run the first `rows` slots together with one
+    `seqlens_k` per row; `remove` keeps the live rows packed at the front by moving the last row into the hole.
 
     With a `batched` session (the export's batched graph: same IO, same cache layout, another kernel),
     every pass of at least `min_tokens` tokens (a prompt's length, or the rows of a decode step) runs
@@ -131,44 +131,38 @@ class SharedBufferDecoder:
 
     def add(self, prompt: list[int], all_logits: bool = False) -> np.ndarray:
         """Prefill `prompt` into the next free row; logits [S, V] at every position, or [1, V] at the last."""
-        if self.rows >= self.capacity or len(prompt) > self.max_length:
-            raise Gpt2OnnxError(f"no room for a prompt of {len(prompt)} tokens: {self.rows} of {self.capacity} rows "
-                                f"in use, {self.max_length} tokens each")
-        length = len(prompt)
-        wanted = np.arange(length, dtype=np.int64) if all_logits else np.array([length - 1], np.int64)
-        logits = np.zeros((1, len(wanted), self.manifest.vocab_size), np.float32)
-        inputs = [np.asarray(prompt, np.int64).reshape(1, length), np.arange(length, dtype=np.int64).reshape(1, length),
-                  np.array([length - 1], np.int32), np.array(length, np.int32), wanted]
-        session = self.session_for(length)
-        session.run_with_iobinding(self._binding(session, 1, self.rows, inputs, logits))
-        self.lengths[self.rows] = length
-        self.rows += 1
-        return logits[0]
+        wanted = np.arange(len(prompt), dtype=np.int64) if all_logits else np.array([len(prompt) - 1], np.int64)
+        return self._prefill([prompt], wanted)[0]
 
     def add_many(self, prompts: list[list[int]]) -> np.ndarray:
-        """Prefill several prompts into the next free rows in one pass; logits [k, V] at each last token.
+        """Prefill several prompts into the next free rows in one pass; logits [k, V] at each last token."""
+        last_positions = np.array([len(p) - 1 for p in prompts], np.int64)
+        wanted = np.unique(last_positions)  # the LM head runs at each distinct last position, for every row
+        logits = self._prefill(prompts, wanted)
+        return logits[np.arange(len(prompts)), np.searchsorted(wanted, last_positions)]
 
-        The prompts are padded on the right to the longest: GroupQueryAttention takes each row's length from
-        `seqlens_k`, and the padding's cache entries lie past the row's length, where its decode steps write."""
-        if len(prompts) == 1:
-            return self.add(prompts[0])
+    def _prefill(self, prompts: list[list[int]], wanted: np.ndarray) -> np.ndarray:
+        """One pass over `prompts` into the next free rows; logits [k, len(wanted), V] at positions `wanted`.
+
+        Prompts of several lengths are padded on the right to the longest: GroupQueryAttention takes each
+        row's length from `seqlens_k`, and the padding's cache entries lie past the row's length, where its
+        decode steps write."""
         k, width = len(prompts), max(len(p) for p in prompts)
         if self.rows + k > self.capacity or width > self.max_length:
-            raise Gpt2OnnxError(f"no room for {k} prompts of up to {width} tokens: {self.rows} of {self.capacity} "
-                                f"rows in use, {self.max_length} tokens each")
+            raise Gpt2OnnxError(f"no room for {k} prompt(s) of up to {width} tokens: {self.rows} of "
+                                f"{self.capacity} rows in use, {self.max_length} tokens each")
         lengths = np.array([len(p) for p in prompts], np.int64)
         ids = np.zeros((k, width), np.int64)
         for row, prompt in enumerate(prompts):
             ids[row, :len(prompt)] = prompt
-        last = np.unique(lengths - 1)  # the LM head runs at each distinct last position, for every row
-        logits = np.zeros((k, len(last), self.manifest.vocab_size), np.float32)
+        logits = np.zeros((k, len(wanted), self.manifest.vocab_size), np.float32)
         inputs = [ids, np.broadcast_to(np.arange(width, dtype=np.int64), (k, width)).copy(),
-                  (lengths - 1).astype(np.int32), np.array(width, np.int32), last]
+                  (lengths - 1).astype(np.int32), np.array(width, np.int32), wanted]
         session = self.session_for(k * width)
         session.run_with_iobinding(self._binding(session, k, self.rows, inputs, logits))
         self.lengths[self.rows:self.rows + k] = lengths
         self.rows += k
-        return logits[np.arange(k), np.searchsorted(last, lengths - 1)]
+        return logits
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         n = self.rows
