@@ -279,6 +279,16 @@ def test_prompts_prefilled_together_match_one_by_one(tiny_engine):
         np.testing.assert_allclose(together, one_by_one, atol=1e-5)
 
 
+def test_a_pass_with_no_room_is_refused_before_any_work_and_changes_nothing(tiny_engine):
+    decoder = tiny_engine.new_decoder()
+    decoder.allocate(capacity=3, max_length=16)
+    decoder.add([1, 2, 3])
+    for prompts in ([[1, 2]] * 3, [[1] * 17, [1]]):  # more rows than are free; a prompt longer than a row
+        with pytest.raises(Gpt2OnnxError, match="no room"):
+            decoder.add_many(prompts)
+        assert decoder.rows == 1 and decoder.lengths.tolist() == [3, 0, 0]
+
+
 @given(st.lists(st.integers(1, 1024), max_size=40))
 def test_prefill_groups_cover_the_prompts_in_order_within_their_bounds(lengths):
     from gpt2_onnx.engine.decoders import MAX_PASS_TOKENS, PADDING_SLACK, prefill_groups
