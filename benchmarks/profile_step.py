@@ -1,11 +1,12 @@
 """Where one decode step's time goes, and quick A/B timings of an export folder.
 
     python -m benchmarks.profile_step MODEL_DIR [--batch 1] [--steps 64] [--profile] [--threads 2]
-        [--config KEY=VALUE ...]
+        [--config KEY=VALUE ...] [--no-huge-pages]
 
 Times a 32-token prefill and `--steps` decode steps at `--batch` rows (median of the steps), through the
 engine's own SharedBufferDecoder and session options; `--config` adds onnxruntime session config entries
-(e.g. session.intra_op.allow_spinning=0) for A/B runs. With `--profile` onnxruntime's profiler records the
+(e.g. session.intra_op.allow_spinning=0) for A/B runs; the weights go on huge pages as the engine's do
+unless `--no-huge-pages`. With `--profile` onnxruntime's profiler records the
 decode steps and the per-op-type totals per step are printed (the profiler's own overhead inflates the
 small ops a little: read the shares, not the sum).
 """
@@ -22,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gpt2_onnx.engine.decoders import SharedBufferDecoder
+from gpt2_onnx.engine.hugepages import collapse_populated_memory
 from gpt2_onnx.engine.manifest import MODEL_FILE, Manifest
 from gpt2_onnx.engine.session import session_options
 
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--config", action="append", default=[], help="session config entry KEY=VALUE")
+    parser.add_argument("--no-huge-pages", action="store_true", help="leave the weights on the pages they load on")
     args = parser.parse_args()
 
     manifest = Manifest.read(args.model_dir)
@@ -44,7 +47,7 @@ def main() -> None:
     for entry in args.config:
         key, value = entry.split("=", 1)
         options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(str(args.model_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    session = load(args.model_dir, options, not args.no_huge_pages)
     decoder = SharedBufferDecoder(session, manifest)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, manifest.vocab_size, args.prompt)) for _ in range(args.batch)]
@@ -62,17 +65,25 @@ def main() -> None:
     if args.profile:  # a profiling session of its own, so the profile holds only what is reported
         options.enable_profiling = True
         options.profile_file_prefix = "/tmp/profile_step"
-        session = ort.InferenceSession(str(args.model_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        session = load(args.model_dir, options, not args.no_huge_pages)
         decoder = SharedBufferDecoder(session, manifest)
         decoder.allocate(args.batch, max_length)
         for prompt in prompts:
             decoder.add(prompt)
     step_ms = median_step_ms(decoder, tokens, args.steps)
     print(json.dumps({"model": str(args.model_dir), "batch": args.batch, "config": args.config,
+                      "huge_pages": not args.no_huge_pages,
                       "prefill_ms": round(min(prefill) * 1e3, 2), "step_ms": round(step_ms, 3),
                       "tok_s": round(args.batch / step_ms * 1e3, 1)}))
     if args.profile:
         report(Path(session.end_profiling()), args.steps + WARMUP + len(prompts))
+
+
+def load(model_dir: Path, options: ort.SessionOptions, huge_pages: bool) -> ort.InferenceSession:
+    session = ort.InferenceSession(str(model_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    if huge_pages:
+        collapse_populated_memory()
+    return session
 
 
 def median_step_ms(decoder, tokens: np.ndarray, steps: int, warmup: int = WARMUP) -> float:

@@ -37,10 +37,11 @@ class ContextTooLong(Gpt2OnnxError):
 
 class Engine:
     def __init__(self, model_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-                 manifest: Manifest | None = None, shares_cores: bool = False) -> None:
+                 manifest: Manifest | None = None, shares_cores: bool = False, huge_pages: bool = True) -> None:
         """`shares_cores`: other threads of this process need the cores between runs (a server's event loop):
         the session's workers then stop spinning when a run ends (session.py). Always so when the export has
-        a batched graph, whose session shares the cores with the main one."""
+        a batched graph, whose session shares the cores with the main one. `huge_pages`: the weights on 2 MB
+        pages where Linux allows it (CPU; ~10 % off a decode step, hugepages.py); False leaves them as loaded."""
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             what = "is a file, not a folder" if self.model_dir.exists() else "does not exist"
@@ -55,10 +56,11 @@ class Engine:
         # the batched graph's int8 kernel (DynamicQuantizeMatMul) is a CPU kernel and its threshold was timed on
         # the CPU: on CUDA every pass runs on the main graph
         batched = self.manifest.batched if provider == "cpu" else {}
-        self.session = create_session(self.model_dir, provider, threads, shares_cores=shares_cores or bool(batched))
+        self.session = create_session(self.model_dir, provider, threads, shares_cores=shares_cores or bool(batched),
+                                      huge_pages=huge_pages)
         # always the fixed folder inside the export, whatever the manifest's text says: never a path from outside it
-        self.batched_session = (create_session(self.model_dir / BATCHED_FOLDER, provider, threads, shares_cores=True)
-                                if batched else None)
+        self.batched_session = (create_session(self.model_dir / BATCHED_FOLDER, provider, threads, shares_cores=True,
+                                               huge_pages=huge_pages) if batched else None)
         self.batched_min_tokens = batched.get("min_tokens")  # another threshold: `batched_from`
 
     # -- public API -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from gpt2_onnx.errors import Gpt2OnnxError, first_line
 
+from .hugepages import collapse_populated_memory
 from .manifest import MODEL_FILE
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}  # declared once: CLI and API read it
@@ -57,8 +58,9 @@ def default_threads() -> int:
     return max(1, cpus)
 
 
-def create_session(model_dir: Path, provider: str, threads: int | None,
-                   shares_cores: bool = False) -> ort.InferenceSession:
+def create_session(model_dir: Path, provider: str, threads: int | None, shares_cores: bool = False,
+                   huge_pages: bool = True) -> ort.InferenceSession:
+    """`huge_pages`: move the weights onnxruntime loads onto 2 MB pages (CPU only; hugepages.py)."""
     if provider not in PROVIDERS:
         raise Gpt2OnnxError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     ep = PROVIDERS[provider]
@@ -70,10 +72,13 @@ def create_session(model_dir: Path, provider: str, threads: int | None,
     if not path.exists():
         raise Gpt2OnnxError(missing_model_hint(model_dir))
     try:
-        return ort.InferenceSession(str(path), session_options(threads, shares_cores), providers=[ep])
+        session = ort.InferenceSession(str(path), session_options(threads, shares_cores), providers=[ep])
     except Exception as exc:  # onnxruntime raises several pybind types; all mean the file is unusable
         raise Gpt2OnnxError(f"could not load {path}: {first_line(exc)}; the file is corrupt or incomplete, "
                             "re-export it") from None
+    if huge_pages and provider == "cpu":
+        collapse_populated_memory()
+    return session
 
 
 def missing_model_hint(folder: Path) -> str:

@@ -1,0 +1,85 @@
+"""Back a session's weights with 2 MB pages (Linux transparent huge pages), best effort.
+
+A decode step streams every weight once. onnxruntime keeps the weights it repacks at load (the int8 and
+int4 products, fp32 MatMul) in memory from malloc, which Linux maps in 4 KB pages unless told otherwise
+(`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise` on most distributions): an int8 gpt2 step then
+walks ~26,000 pages, each a TLB miss, and the hardware prefetchers stop at every page boundary. Measured
+(gpt2 int8, 2 threads, AVX-512 VNNI host, alternating runs): 5.4-5.8 ms a step with 4 KB pages, 4.7-4.9
+with the weights on 2 MB pages.
+
+So after a session is made, every 2 MB span of the process's anonymous memory whose 4 KB pages are all
+present (the weights just loaded among them, wherever malloc put them) is collapsed into a huge page now
+(MADV_COLLAPSE, Linux 6.1+), instead of waiting for the kernel's background scanner. Spans with a missing
+page are left alone, so no memory is added: the same bytes on other pages. Where the kernel cannot (THP
+off, an older kernel, another OS) nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import numpy as np
+
+PAGE, HUGE_PAGE = 4096, 2 * 1024 * 1024
+CHUNK = 1024 * HUGE_PAGE  # address space read from the page map at a time (its entries: 4 MB)
+MADV_COLLAPSE = 25  # <asm-generic/mman-common.h>
+PRESENT = np.uint64(1 << 63)  # /proc/PID/pagemap: the page is in memory (readable without privileges)
+
+Range = tuple[int, int]  # [start, end) addresses
+
+
+def anonymous_ranges(maps: str) -> list[Range]:
+    """The private writable mappings without a file (malloc's mmaps and the brk heap) in a /proc/PID/maps text."""
+    ranges = []
+    for line in maps.splitlines():
+        fields = line.split()
+        if len(fields) < 5 or not fields[1].startswith("rw") or fields[1][3] != "p":
+            continue
+        if len(fields) == 5 or fields[5] == "[heap]":
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def populated_spans(start: int, present: np.ndarray) -> list[Range]:
+    """`present[i]`: page i from `start` is in memory -> runs of whole 2 MB pages that are entirely present."""
+    first = -(-start // HUGE_PAGE) * HUGE_PAGE
+    skip, per_huge = (first - start) // PAGE, HUGE_PAGE // PAGE
+    count = (len(present) - skip) // per_huge
+    if count <= 0:
+        return []
+    full = present[skip:skip + count * per_huge].reshape(count, per_huge).all(axis=1)
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], full, [False]]).astype(np.int8)))
+    return [(first + int(lo) * HUGE_PAGE, first + int(hi) * HUGE_PAGE) for lo, hi in zip(edges[::2], edges[1::2])]
+
+
+def collapse_populated_memory() -> int:
+    """Collapse every fully present 2 MB span of anonymous memory into a huge page; bytes collapsed (0 where
+    unsupported)."""
+    if sys.platform != "linux":
+        return 0
+    try:
+        with open("/proc/self/maps") as maps:
+            ranges = anonymous_ranges(maps.read())
+        pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    collapsed = 0
+    try:
+        for start, end in ranges:
+            for lo in range(start, end, CHUNK):  # chunks after the first start on a 2 MB boundary
+                hi = min(end, (lo // CHUNK + 1) * CHUNK)
+                entries = os.pread(pagemap, (hi - lo) // PAGE * 8, lo // PAGE * 8)
+                present = (np.frombuffer(entries, np.uint64) & PRESENT) != 0
+                for span_start, span_end in populated_spans(lo, present):
+                    if libc.madvise(span_start, span_end - span_start, MADV_COLLAPSE) == 0:
+                        collapsed += span_end - span_start
+    except OSError:
+        pass
+    finally:
+        os.close(pagemap)
+    return collapsed

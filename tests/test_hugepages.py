@@ -1,0 +1,113 @@
+"""Weights on huge pages: which memory is touched, and that nothing but the page size changes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from gpt2_onnx.engine.hugepages import HUGE_PAGE, PAGE, anonymous_ranges, collapse_populated_memory, populated_spans
+
+MAPS = """\
+55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 1234   /usr/bin/python3.11
+55d0c1000000-55d0c5000000 rw-p 00000000 00:00 0      [heap]
+7f0000000000-7f0000800000 rw-p 00000000 00:00 0
+7f0000800000-7f0001000000 rw-s 00000000 00:05 99     /dev/shm/shared
+7f0001000000-7f0001400000 rw-p 00010000 08:01 777    /data/model.onnx.data
+7f0001400000-7f0001600000 r--p 00000000 00:00 0
+7f0001600000-7f0001a00000 rw-p 00000000 00:00 0
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0      [stack]
+"""
+
+
+def test_only_private_writable_anonymous_memory_and_the_heap_are_candidates():
+    assert anonymous_ranges(MAPS) == [(0x55d0c1000000, 0x55d0c5000000), (0x7f0000000000, 0x7f0000800000),
+                                      (0x7f0001600000, 0x7f0001a00000)]
+
+
+def test_only_whole_huge_pages_with_every_page_present_are_collapsed():
+    per_huge = HUGE_PAGE // PAGE
+    start = 5 * HUGE_PAGE - 3 * PAGE  # 3 pages before the first 2 MB boundary
+    present = np.ones(3 + 4 * per_huge + 7, bool)
+    present[3 + per_huge + 100] = False  # the second huge page misses one page
+    assert populated_spans(start, present) == [(5 * HUGE_PAGE, 6 * HUGE_PAGE), (7 * HUGE_PAGE, 9 * HUGE_PAGE)]
+    assert populated_spans(start, present[:per_huge]) == []  # no whole huge page inside
+
+
+@settings(max_examples=200, deadline=None)
+@given(offset=st.integers(0, HUGE_PAGE // PAGE - 1), holes=st.lists(st.integers(0, 6 * HUGE_PAGE // PAGE - 1), max_size=5),
+       length=st.integers(0, 6 * HUGE_PAGE // PAGE))
+def test_collapsed_spans_are_exactly_the_fully_present_huge_pages(offset, holes, length):
+    start = 3 * HUGE_PAGE + offset * PAGE
+    present = np.ones(length, bool)
+    present[[h for h in holes if h < length]] = False
+    spans = populated_spans(start, present)
+    chosen = {page for lo, hi in spans for page in range(lo, hi, HUGE_PAGE)}
+    for page in range(0, 12 * HUGE_PAGE, HUGE_PAGE):  # brute force over every huge page
+        first = (page - start) // PAGE
+        whole = 0 <= first and first + HUGE_PAGE // PAGE <= length and present[first:first + HUGE_PAGE // PAGE].all()
+        assert (page in chosen) == whole
+    assert all(hi < lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:]))  # runs are merged and ordered
+
+
+def _collapse_supported() -> bool:
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    return sys.platform == "linux" and "[never]" not in mode and (major, minor) >= (6, 1)
+
+
+def _anon_huge_kb() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(not _collapse_supported(), reason="needs Linux 6.1+ with transparent huge pages not 'never'")
+def test_a_sessions_weights_land_on_huge_pages_and_compute_the_same():
+    k, n = 1024, 4096  # 16 MB of weights: onnxruntime repacks them into memory of its own
+    weights = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
+    plain = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    collapse_populated_memory()  # what was populated before is on huge pages now: the baseline
+    before = _anon_huge_kb()
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    assert collapse_populated_memory() >= 4 * HUGE_PAGE  # of the 8 the weights span (their start need not be aligned)
+    assert _anon_huge_kb() - before >= 4 * HUGE_PAGE // 1024
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], plain)
+
+
+def test_switched_off_the_engine_collapses_nothing(tiny_export, monkeypatch):
+    from gpt2_onnx.engine import Engine
+
+    monkeypatch.setattr("gpt2_onnx.engine.session.collapse_populated_memory", lambda: pytest.fail("collapsed"))
+    Engine(tiny_export, huge_pages=False)
+
+
+def test_engine_logits_do_not_depend_on_the_page_size(tiny_export):
+    from gpt2_onnx.engine import Engine
+
+    def prefill_and_step(engine: Engine) -> list[np.ndarray]:
+        decoder = engine.new_decoder()
+        first = decoder.prefill([[5, 6, 7]], 16).copy()
+        return [first, decoder.decode(first.argmax(axis=-1)).copy()]
+
+    plain, huge = (prefill_and_step(Engine(tiny_export, huge_pages=on)) for on in (False, True))
+    for a, b in zip(plain, huge):
+        np.testing.assert_array_equal(a, b)
