@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpt2_onnx.export.manifest import package_versions
+from gpt2_onnx.export.quantize import cpu_flags
 
 PACKAGES = ("gpt2-onnx", "torch", "transformers", "onnxruntime", "optimum", "optimum-onnx", "ctranslate2")
 
@@ -96,16 +97,6 @@ class ExportCache:
 
             ctranslate2.converters.TransformersConverter(str(self.checkpoint())).convert(str(out), quantization="int8")
         return self.folder("ctranslate2-int8", build)
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def folder_bytes(folder: Path) -> int:

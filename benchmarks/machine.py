@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .exports import cpu_flags, versions
+from gpt2_onnx.export.quantize import cpu_flags
+
+from .exports import versions
 
 INTERESTING_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8",
                      "avx512_bf16")

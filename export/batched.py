@@ -39,12 +39,12 @@ def wants_batched_graph(quant: QuantConfig) -> bool:
 
 
 def batched_recipe(quant: QuantConfig) -> QuantConfig:
-    """int8 DynamicQuantizeMatMul blocks; the LM head and embedding as the main graph stores them, without
-    the head's shortlist: wide decode steps take the whole head anyway; for a prompt's one logits row its
-    4-bit table (gpt2: 21 MB more on disk and in memory) saved 0.5-0.8 of ~14.5 ms (int8 gpt2, 32-token
-    prompts, alternating), not judged worth the memory."""
-    return replace(QuantConfig.int8(block_size=quant.block_size), lm_head_bits=quant.head_bits or 32,
-                   head_shortlist=0, batched_graph=False)
+    """int8 DynamicQuantizeMatMul blocks (whatever this CPU's int8 default); the LM head and embedding as the
+    main graph stores them, without the head's shortlist: wide decode steps take the whole head anyway; for a
+    prompt's one logits row its 4-bit table (gpt2: 21 MB more on disk and in memory) saved 0.5-0.8 of ~14.5 ms
+    (int8 gpt2, 32-token prompts, alternating), not judged worth the memory."""
+    return replace(QuantConfig.int8(block_size=quant.block_size, kernel="DynamicQuantizeMatMul"),
+                   lm_head_bits=quant.head_bits or 32, head_shortlist=0, batched_graph=False)
 
 
 def add_batched_graph(model, work: Path, quant: QuantConfig, manifest, log) -> dict:

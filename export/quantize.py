@@ -9,6 +9,7 @@ uint8 zero points; the value is (q - zero_point) * scale, and the default zero p
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +22,28 @@ BLOCK_SIZES = (16, 32, 64, 128)
 # 0.3 points of top-1 agreement on the trained fixture (README's quantization table)
 AUTO_BLOCK_SIZES = (128, 64, 32)
 MAX_SHORTLIST = 1024  # LM-head candidates re-scored exactly; more would cost what the shortlist saves
+# int8 blocks by CPU class. With the weights on huge pages (engine/hugepages.py), on an AVX-512 VNNI host
+# (2 threads, alternating processes) 8-bit MatMulNBits decoded a gpt2 token in 3.84-4.16 ms against
+# DynamicQuantizeMatMul's 4.34-4.71, gpt2-large 27.0-29.0 against 29.2-30.6; but it took 19.2 ms for a
+# 32-token prompt against 12.9 and 17.3 ms for a 16-row step against 14.1, so it comes with the int8
+# batched graph for those (export/batched.py), at ~1.7x the folder. Without VNNI its integer dot products
+# measured slower than DynamicQuantizeMatMul's: such CPUs keep the smaller DynamicQuantizeMatMul export.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def int8_kernel_for_this_cpu() -> str:
+    return "MatMulNBits" if cpu_flags() & set(VNNI_FLAGS) else "DynamicQuantizeMatMul"
 
 
 @dataclass(frozen=True)
@@ -64,8 +87,9 @@ class QuantConfig:
         return cls("fp16")
 
     @classmethod
-    def int8(cls, block_size: int | None = None, symmetric: bool = True) -> QuantConfig:
-        return cls("int8", block_size=block_size, symmetric=symmetric)
+    def int8(cls, block_size: int | None = None, symmetric: bool = True, kernel: str | None = None) -> QuantConfig:
+        """`kernel` None: the faster one for this CPU (`int8_kernel_for_this_cpu`), recorded in the manifest."""
+        return cls("int8", block_size=block_size, symmetric=symmetric, int8_kernel=kernel or int8_kernel_for_this_cpu())
 
     @classmethod
     def int4(cls, block_size: int | None = None, symmetric: bool = True, lm_head_bits: int | None = 8) -> QuantConfig:

@@ -76,9 +76,10 @@ def add_export(sub) -> None:
     q.add_argument("--head-shortlist", type=int, default=None, metavar="N",
                    help="8-bit LM head: score every token with a 4-bit copy first and re-score the best N from the "
                         "8 bits (greedy picks the 8-bit argmax whenever it is among them) (default: 32); 0: the plain 8-bit head")
-    q.add_argument("--int8-kernel", choices=INT8_KERNELS, default=INT8_KERNELS[0],
+    q.add_argument("--int8-kernel", choices=INT8_KERNELS, default=None,
                    help="int8 blocks: DynamicQuantizeMatMul (per-channel weights, one activation scale per matrix) or "
-                        "MatMulNBits (8-bit blocks; faster one token at a time, and then comes with the batched graph)")
+                        "MatMulNBits (8-bit blocks; faster one token at a time on VNNI CPUs, and then comes with the "
+                        "batched graph) (default: MatMulNBits where the CPU has AVX-512 VNNI or AVX-VNNI)")
     q.add_argument("--batched-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="int4: also write an int8 graph for prompts and wide batches, used from the token count "
                         "at which it measured faster (costs the int8 weights' size on disk and in memory)")
@@ -95,13 +96,13 @@ def quant_config(args):
     if args.precision == "int4":
         defaults = QuantConfig.int4(block_size=args.block_size)
     elif args.precision == "int8":
-        defaults = QuantConfig.int8(block_size=args.block_size)
+        defaults = QuantConfig.int8(block_size=args.block_size, kernel=args.int8_kernel)
     else:
         return QuantConfig.fp16() if args.precision == "fp16" else QuantConfig.fp32()
     symmetric = defaults.symmetric if args.asymmetric is None else not args.asymmetric
     return QuantConfig(args.precision, block_size=args.block_size, symmetric=symmetric,
                        lm_head_bits=args.lm_head_bits or defaults.lm_head_bits, batched_graph=args.batched_graph,
-                       int8_kernel=args.int8_kernel,
+                       int8_kernel=defaults.int8_kernel,
                        head_shortlist=defaults.head_shortlist if args.head_shortlist is None else args.head_shortlist)
 
 

@@ -129,8 +129,8 @@ def test_without_a_batched_graph(tiny_checkpoint, tmp_path, monkeypatch):
     assert Manifest.read(out).batched == {} and not (out / "batched").exists()
     assert json.loads((out / MANIFEST).read_text())["batched"] == {}
     off = replace(QuantConfig.int4(), batched_graph=False)
-    assert not wants_batched_graph(off) and not wants_batched_graph(QuantConfig.int8())
-    assert wants_batched_graph(replace(QuantConfig.int8(), int8_kernel="MatMulNBits"))
+    assert not wants_batched_graph(off) and not wants_batched_graph(QuantConfig.int8(kernel="DynamicQuantizeMatMul"))
+    assert wants_batched_graph(QuantConfig.int8(kernel="MatMulNBits"))
     assert Engine(out).new_decoder().batched is None
 
 

@@ -35,7 +35,8 @@ def test_blockwise_roundtrip_error_is_within_half_a_step(bits, symmetric):
 def quantized_exports(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("quantized")
     return {name: export_model(str(tiny_checkpoint), root / name, quant=quant, eval_windows=8, log=lambda _: None)
-            for name, quant in {"int8": QuantConfig.int8(), "int4": QuantConfig.int4(),
+            for name, quant in {"int8": QuantConfig.int8(kernel="DynamicQuantizeMatMul"),
+                                "int8-nbits": QuantConfig.int8(kernel="MatMulNBits"), "int4": QuantConfig.int4(),
                                 "int4-head4": QuantConfig.int4(lm_head_bits=4)}.items()}
 
 
@@ -59,10 +60,11 @@ def test_every_projection_is_quantized(quantized_exports):
         if name == "int8":
             assert counts["DynamicQuantizeMatMul"] == 4 * layers and not bits
         else:
-            assert list(bits.values()) == [4] * (4 * layers)
+            assert list(bits.values()) == [8 if name == "int8-nbits" else 4] * (4 * layers)
+            assert counts["DynamicQuantizeMatMul"] == 0
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int4-head4"])
+@pytest.mark.parametrize("name", ["int8", "int8-nbits", "int4", "int4-head4"])
 def test_quantized_exports_generate_and_carry_their_quality(quantized_exports, name):
     result = quantized_exports[name]
     manifest = json.loads((result.out_dir / "gpt2_onnx.json").read_text())
@@ -80,6 +82,16 @@ def test_quantized_exports_generate_and_carry_their_quality(quantized_exports, n
 def test_bad_quant_config_is_refused(quant, message):
     with pytest.raises(Gpt2OnnxError, match=message):
         quant()
+
+
+@pytest.mark.parametrize("flags, kernel", [({"avx2", "avx512f", "avx512_vnni"}, "MatMulNBits"),
+                                           ({"avx2", "avx_vnni"}, "MatMulNBits"),
+                                           ({"avx2", "fma"}, "DynamicQuantizeMatMul"), (set(), "DynamicQuantizeMatMul")])
+def test_the_default_int8_kernel_follows_the_cpu_class(monkeypatch, flags, kernel):
+    monkeypatch.setattr("gpt2_onnx.export.quantize.cpu_flags", lambda: flags)
+    assert QuantConfig.int8().int8_kernel == kernel
+    assert QuantConfig.int8(kernel="DynamicQuantizeMatMul").int8_kernel == "DynamicQuantizeMatMul"
+    assert QuantConfig.int4().int8_kernel == "DynamicQuantizeMatMul"  # int4 blocks do not use it
 
 
 def test_block_that_does_not_divide_the_width_is_refused(tiny_checkpoint, tmp_path):
