@@ -37,11 +37,12 @@ class ContextTooLong(Gpt2OnnxError):
 
 class Engine:
     def __init__(self, model_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-                 manifest: Manifest | None = None, shares_cores: bool = False, huge_pages: bool = True) -> None:
+                 manifest: Manifest | None = None, shares_cores: bool = False, huge_pages: bool | None = None) -> None:
         """`shares_cores`: other threads of this process need the cores between runs (a server's event loop):
         the session's workers then stop spinning when a run ends (session.py). Always so when the export has
         a batched graph, whose session shares the cores with the main one. `huge_pages`: the weights on 2 MB
-        pages where Linux allows it (CPU; ~10 % off a decode step, hugepages.py); False leaves them as loaded."""
+        pages where Linux allows it (CPU; ~10 % off a decode step, hugepages.py); False leaves them as loaded;
+        None: as the environment's GPT2_ONNX_HUGE_PAGES says (0: off), else on."""
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             what = "is a file, not a folder" if self.model_dir.exists() else "does not exist"

@@ -96,8 +96,16 @@ def test_a_sessions_weights_land_on_huge_pages_and_compute_the_same():
 def test_switched_off_the_engine_collapses_nothing(tiny_export, monkeypatch):
     from gpt2_onnx.engine import Engine
 
-    monkeypatch.setattr("gpt2_onnx.engine.session.collapse_populated_memory", lambda: pytest.fail("collapsed"))
+    calls = []
+    monkeypatch.setattr("gpt2_onnx.engine.session.collapse_populated_memory", lambda: calls.append(1) or 0)
     Engine(tiny_export, huge_pages=False)
+    monkeypatch.setenv("GPT2_ONNX_HUGE_PAGES", "0")
+    Engine(tiny_export)
+    assert calls == []
+    Engine(tiny_export, huge_pages=True)  # the argument wins over the environment
+    monkeypatch.delenv("GPT2_ONNX_HUGE_PAGES")
+    Engine(tiny_export)
+    assert calls == [1, 1]
 
 
 def test_engine_logits_do_not_depend_on_the_page_size(tiny_export):
