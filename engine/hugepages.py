@@ -4,8 +4,8 @@ A decode step streams every weight once. onnxruntime keeps the weights it repack
 int4 products, fp32 MatMul) in memory from malloc, which Linux maps in 4 KB pages unless told otherwise
 (`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise` on most distributions): an int8 gpt2 step then
 walks ~26,000 pages, each a TLB miss, and the hardware prefetchers stop at every page boundary. Measured
-(gpt2 int8, 2 threads, AVX-512 VNNI host, alternating runs): 5.4-5.8 ms a step with 4 KB pages, 4.7-4.9
-with the weights on 2 MB pages.
+(gpt2 int8, 2 threads, AVX-512 VNNI host, alternating processes): 5.0-5.6 ms a step with 4 KB pages,
+4.5-4.65 with the weights on 2 MB pages; int4 3.2-3.6 against 2.9-3.2; gpt2-large int8 31-32 against 29-30.
 
 So after a session is made, every 2 MB span of the process's anonymous memory whose 4 KB pages are all
 present (the weights just loaded among them, wherever malloc put them) is collapsed into a huge page now
