@@ -36,11 +36,11 @@ def machine_facts(threads: int) -> dict:
 
 def memory_read_bandwidth(threads: int, megabytes: int = 256, repeats: int = 5) -> float:
     """GB/s of weights onnxruntime's threads can stream: a [1, K] x [K, N] MatMul (what a decode step is
-    made of) over a matrix far larger than the caches, its weights on huge pages as the engine's are."""
+    made of) over a matrix far larger than the caches, its weights on huge pages where the engine's are."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from gpt2_onnx.engine.hugepages import collapse_populated_memory
+    from gpt2_onnx.engine.hugepages import collapse_populated_memory, huge_pages_wanted
 
     k = 4096
     weights = np.ones((k, megabytes * 2**20 // 4 // k), np.float32)
@@ -52,7 +52,8 @@ def memory_read_bandwidth(threads: int, megabytes: int = 256, repeats: int = 5) 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    collapse_populated_memory()
+    if huge_pages_wanted(None):  # as the engines it is the floor for
+        collapse_populated_memory()
     x = np.ones((1, k), np.float32)
     session.run(None, {"x": x})
     best = float("inf")

@@ -26,6 +26,7 @@ from .decoders import ConcatCacheDecoder, SharedBufferDecoder
 from .detokenize import IncrementalText
 from .loop import Batch, Row
 from .manifest import BATCHED_FOLDER, Manifest
+from .hugepages import collapse_populated_memory, huge_pages_wanted
 from .session import create_session, load_tokenizer
 
 Prompt = str | Sequence[int]
@@ -42,7 +43,7 @@ class Engine:
         the session's workers then stop spinning when a run ends (session.py). Always so when the export has
         a batched graph, whose session shares the cores with the main one. `huge_pages`: the weights on 2 MB
         pages where Linux allows it (CPU; ~10 % off a decode step, hugepages.py); False leaves them as loaded;
-        None: as the environment's GPT2_ONNX_HUGE_PAGES says (0: off), else on."""
+        None: as the environment's GPT2_ONNX_HUGE_PAGES says (0/false/no/off: off), else on."""
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             what = "is a file, not a folder" if self.model_dir.exists() else "does not exist"
@@ -57,11 +58,12 @@ class Engine:
         # the batched graph's int8 kernel (DynamicQuantizeMatMul) is a CPU kernel and its threshold was timed on
         # the CPU: on CUDA every pass runs on the main graph
         batched = self.manifest.batched if provider == "cpu" else {}
-        self.session = create_session(self.model_dir, provider, threads, shares_cores=shares_cores or bool(batched),
-                                      huge_pages=huge_pages)
+        self.session = create_session(self.model_dir, provider, threads, shares_cores=shares_cores or bool(batched))
         # always the fixed folder inside the export, whatever the manifest's text says: never a path from outside it
-        self.batched_session = (create_session(self.model_dir / BATCHED_FOLDER, provider, threads, shares_cores=True,
-                                               huge_pages=huge_pages) if batched else None)
+        self.batched_session = (create_session(self.model_dir / BATCHED_FOLDER, provider, threads, shares_cores=True)
+                                if batched else None)
+        if provider == "cpu" and huge_pages_wanted(huge_pages):
+            collapse_populated_memory()  # once, both sessions' weights loaded
         self.batched_min_tokens = batched.get("min_tokens")  # another threshold: `batched_from`
 
     # -- public API -------------------------------------------------------------------------------

@@ -10,15 +10,19 @@ walks ~26,000 pages, each a TLB miss, and the hardware prefetchers stop at every
 So after a session is made, every 2 MB span of the process's anonymous memory whose 4 KB pages are all
 present (the weights just loaded among them, wherever malloc put them) is collapsed into a huge page now
 (MADV_COLLAPSE, Linux 6.1+), instead of waiting for the kernel's background scanner. Spans with a missing
-page are left alone, so no memory is added: the same bytes on other pages. Where the kernel cannot (THP
-off, an older kernel, another OS) nothing changes.
+page are left alone, so memory the process has written is only moved, not grown (a page that is merely
+read, mapped to the shared zero page, also counts as present: such a span would become 2 MB of real memory).
+Nothing happens where transparent huge pages are `never` (MADV_COLLAPSE would ignore that setting: it is
+the administrator's choice), on an older kernel, with other page sizes, or on another OS.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +30,8 @@ PAGE, HUGE_PAGE = 4096, 2 * 1024 * 1024
 CHUNK = 1024 * HUGE_PAGE  # address space read from the page map at a time (its entries: 4 MB)
 MADV_COLLAPSE = 25  # <asm-generic/mman-common.h>
 PRESENT = np.uint64(1 << 63)  # /proc/PID/pagemap: the page is in memory (readable without privileges)
+THP_SYSFS = "/sys/kernel/mm/transparent_hugepage"
+ENV = "GPT2_ONNX_HUGE_PAGES"
 
 Range = tuple[int, int]  # [start, end) addresses
 
@@ -55,30 +61,53 @@ def populated_spans(start: int, present: np.ndarray) -> list[Range]:
     return [(first + int(lo) * HUGE_PAGE, first + int(hi) * HUGE_PAGE) for lo, hi in zip(edges[::2], edges[1::2])]
 
 
+def huge_pages_wanted(flag: bool | None) -> bool:
+    """`flag`, or when None the environment: GPT2_ONNX_HUGE_PAGES=0/false/no/off turns the collapse off."""
+    if flag is not None:
+        return flag
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def chunks(start: int, end: int) -> list[Range]:
+    """[start, end) cut at CHUNK boundaries (bounds how much of the page map is read at once)."""
+    bounds = [start, *range((start // CHUNK + 1) * CHUNK, end, CHUNK), end]
+    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if lo < hi]
+
+
+def _supported() -> bool:
+    if sys.platform != "linux" or mmap.PAGESIZE != PAGE:
+        return False
+    try:
+        enabled = Path(THP_SYSFS, "enabled").read_text()
+        pmd_size = int(Path(THP_SYSFS, "hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return False
+    return "[never]" not in enabled and pmd_size == HUGE_PAGE
+
+
 def collapse_populated_memory() -> int:
-    """Collapse every fully present 2 MB span of anonymous memory into a huge page; bytes collapsed (0 where
-    unsupported)."""
-    if sys.platform != "linux":
+    """Collapse every fully present 2 MB span of anonymous memory into a huge page. Returns the bytes of the
+    spans that are on huge pages now (those that already were included; 0 where unsupported). Best effort:
+    never raises."""
+    if not _supported():
         return 0
     try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as maps:
             ranges = anonymous_ranges(maps.read())
         pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
-    except OSError:
+    except (OSError, AttributeError):
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     collapsed = 0
     try:
-        for start, end in ranges:
-            for lo in range(start, end, CHUNK):  # chunks after the first start on a 2 MB boundary
-                hi = min(end, (lo // CHUNK + 1) * CHUNK)
-                entries = os.pread(pagemap, (hi - lo) // PAGE * 8, lo // PAGE * 8)
-                present = (np.frombuffer(entries, np.uint64) & PRESENT) != 0
-                for span_start, span_end in populated_spans(lo, present):
-                    if libc.madvise(span_start, span_end - span_start, MADV_COLLAPSE) == 0:
-                        collapsed += span_end - span_start
-    except OSError:
+        for lo, hi in (piece for start, end in ranges for piece in chunks(start, end)):
+            entries = os.pread(pagemap, (hi - lo) // PAGE * 8, lo // PAGE * 8)
+            present = (np.frombuffer(entries[:len(entries) // 8 * 8], np.uint64) & PRESENT) != 0
+            for span_start, span_end in populated_spans(lo, present):
+                if libc.madvise(span_start, span_end - span_start, MADV_COLLAPSE) == 0:
+                    collapsed += span_end - span_start
+    except (OSError, ValueError):
         pass
     finally:
         os.close(pagemap)

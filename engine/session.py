@@ -14,10 +14,8 @@ from tokenizers import Tokenizer
 
 from gpt2_onnx.errors import Gpt2OnnxError, first_line
 
-from .hugepages import collapse_populated_memory
 from .manifest import MODEL_FILE
 
-HUGE_PAGES_ENV = "GPT2_ONNX_HUGE_PAGES"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}  # declared once: CLI and API read it
 
 
@@ -59,10 +57,8 @@ def default_threads() -> int:
     return max(1, cpus)
 
 
-def create_session(model_dir: Path, provider: str, threads: int | None, shares_cores: bool = False,
-                   huge_pages: bool | None = None) -> ort.InferenceSession:
-    """`huge_pages`: move the weights onnxruntime loads onto 2 MB pages (CPU only; hugepages.py); None: yes,
-    unless the environment says GPT2_ONNX_HUGE_PAGES=0 (for the CLI, the server and Ray replicas)."""
+def create_session(model_dir: Path, provider: str, threads: int | None,
+                   shares_cores: bool = False) -> ort.InferenceSession:
     if provider not in PROVIDERS:
         raise Gpt2OnnxError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     ep = PROVIDERS[provider]
@@ -78,10 +74,6 @@ def create_session(model_dir: Path, provider: str, threads: int | None, shares_c
     except Exception as exc:  # onnxruntime raises several pybind types; all mean the file is unusable
         raise Gpt2OnnxError(f"could not load {path}: {first_line(exc)}; the file is corrupt or incomplete, "
                             "re-export it") from None
-    if huge_pages is None:
-        huge_pages = os.environ.get(HUGE_PAGES_ENV, "1") != "0"
-    if huge_pages and provider == "cpu":
-        collapse_populated_memory()
     return session
 
 

@@ -126,7 +126,7 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
             _check_graph(folder / MODEL_FILE)
             check_io(folder, manifest)
         # each graph on its own: the main one for every pass, then the batched one for every pass
-        engine = Engine(work, manifest=manifest)
+        engine = Engine(work, manifest=manifest, huge_pages=False)  # parity does not depend on page size
         engines = {"": engine.batched_from(None), **({"batched": engine.batched_from(1)} if batched else {})}
         parity = {key: measure_parity(checkpoint.model, each) for key, each in engines.items()}
         manifest = replace(manifest, parity=parity[""])

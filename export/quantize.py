@@ -43,6 +43,7 @@ def cpu_flags() -> set[str]:
 
 
 def int8_kernel_for_this_cpu() -> str:
+    """int8's block kernel for the CPU that exports (the folder is meant for machines of its class)."""
     return "MatMulNBits" if cpu_flags() & set(VNNI_FLAGS) else "DynamicQuantizeMatMul"
 
 
@@ -57,7 +58,7 @@ class QuantConfig:
     accuracy_level: int = 4  # MatMulNBits: 4 = activations in int8, so the CPU computes with integer dot products
     # int8 blocks: DynamicQuantizeMatMul (per-channel weights, per-tensor activations) or MatMulNBits
     # (block-wise weights and activations: more accurate, a slower kernel on AVX2)
-    int8_kernel: str = "DynamicQuantizeMatMul"
+    int8_kernel: str | None = None  # None: int8_kernel_for_this_cpu() for int8, else DynamicQuantizeMatMul
     # an 8-bit LM head scores every token with a 4-bit copy of the table first and re-scores only this many
     # best from the 8 bits (lm_head.py); 0: the plain 8-bit head
     head_shortlist: int = 32
@@ -69,6 +70,9 @@ class QuantConfig:
             raise Gpt2OnnxError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise Gpt2OnnxError(f"block_size {self.block_size} is not supported; choose one of {BLOCK_SIZES}")
+        if self.int8_kernel is None:  # resolved once, so the manifest and the bench's cache key record the kernel
+            kernel = int8_kernel_for_this_cpu() if self.precision == "int8" else "DynamicQuantizeMatMul"
+            object.__setattr__(self, "int8_kernel", kernel)
         if self.int8_kernel not in INT8_KERNELS:
             raise Gpt2OnnxError(f"unknown int8 kernel {self.int8_kernel!r}; choose one of {', '.join(INT8_KERNELS)}")
         if not 0 <= self.head_shortlist <= MAX_SHORTLIST:
@@ -89,7 +93,7 @@ class QuantConfig:
     @classmethod
     def int8(cls, block_size: int | None = None, symmetric: bool = True, kernel: str | None = None) -> QuantConfig:
         """`kernel` None: the faster one for this CPU (`int8_kernel_for_this_cpu`), recorded in the manifest."""
-        return cls("int8", block_size=block_size, symmetric=symmetric, int8_kernel=kernel or int8_kernel_for_this_cpu())
+        return cls("int8", block_size=block_size, symmetric=symmetric, int8_kernel=kernel)
 
     @classmethod
     def int4(cls, block_size: int | None = None, symmetric: bool = True, lm_head_bits: int | None = 8) -> QuantConfig:

@@ -79,7 +79,8 @@ def add_export(sub) -> None:
     q.add_argument("--int8-kernel", choices=INT8_KERNELS, default=None,
                    help="int8 blocks: DynamicQuantizeMatMul (per-channel weights, one activation scale per matrix) or "
                         "MatMulNBits (8-bit blocks; faster one token at a time on VNNI CPUs, and then comes with the "
-                        "batched graph) (default: MatMulNBits where the CPU has AVX-512 VNNI or AVX-VNNI)")
+                        "batched graph) (default: MatMulNBits where the exporting CPU has AVX-512 VNNI or AVX-VNNI, "
+                        "so export on the CPU class that will serve)")
     q.add_argument("--batched-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="int4: also write an int8 graph for prompts and wide batches, used from the token count "
                         "at which it measured faster (costs the int8 weights' size on disk and in memory)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from gpt2_onnx.engine.hugepages import HUGE_PAGE, PAGE, anonymous_ranges, collapse_populated_memory, populated_spans
+from gpt2_onnx.engine.hugepages import (CHUNK, HUGE_PAGE, PAGE, anonymous_ranges, chunks, collapse_populated_memory,
+                                        huge_pages_wanted, populated_spans)
 
 MAPS = """\
 55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 1234   /usr/bin/python3.11
@@ -57,13 +57,24 @@ def test_collapsed_spans_are_exactly_the_fully_present_huge_pages(offset, holes,
     assert all(hi < lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:]))  # runs are merged and ordered
 
 
-def _collapse_supported() -> bool:
-    try:
-        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
-    major, minor = (int(part) for part in os.uname().release.split(".")[:2])
-    return sys.platform == "linux" and "[never]" not in mode and (major, minor) >= (6, 1)
+@settings(max_examples=300, deadline=None)
+@given(start=st.integers(0, 8 * CHUNK), length=st.integers(0, 5 * CHUNK))
+def test_chunks_tile_the_range_and_break_only_at_chunk_boundaries(start, length):
+    pieces = chunks(start, start + length)
+    assert [lo for lo, _ in pieces[1:]] == [hi for _, hi in pieces[:-1]]  # contiguous
+    if length:
+        assert pieces[0][0] == start and pieces[-1][1] == start + length
+    assert all(lo < hi and hi - lo <= CHUNK and lo // CHUNK == (hi - 1) // CHUNK for lo, hi in pieces)
+
+
+def test_the_environment_switches_it_off_unless_the_caller_says(monkeypatch):
+    monkeypatch.delenv("GPT2_ONNX_HUGE_PAGES", raising=False)
+    assert huge_pages_wanted(None)
+    for off in ("0", "false", "No", " off "):
+        monkeypatch.setenv("GPT2_ONNX_HUGE_PAGES", off)
+        assert not huge_pages_wanted(None) and huge_pages_wanted(True)
+    monkeypatch.setenv("GPT2_ONNX_HUGE_PAGES", "1")
+    assert huge_pages_wanted(None) and not huge_pages_wanted(False)
 
 
 def _anon_huge_kb() -> int:
@@ -73,7 +84,31 @@ def _anon_huge_kb() -> int:
     return 0
 
 
-@pytest.mark.skipif(not _collapse_supported(), reason="needs Linux 6.1+ with transparent huge pages not 'never'")
+def _kernel_collapses() -> bool:
+    """Probe the kernel itself (not the code under test): can a written, aligned 2 MB of anonymous memory be
+    collapsed into a huge page here?"""
+    try:
+        if sys.platform != "linux" or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+            return False
+    except OSError:
+        return False
+    import ctypes
+    import mmap
+
+    memory = mmap.mmap(-1, 2 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # as malloc's memory
+    array = np.frombuffer(memory, np.uint8)
+    array[:] = 1
+    start = -(-array.ctypes.data // HUGE_PAGE) * HUGE_PAGE
+    libc = ctypes.CDLL(None)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    try:
+        return libc.madvise(start, HUGE_PAGE, 25) == 0  # MADV_COLLAPSE
+    finally:
+        del array
+        memory.close()
+
+
+@pytest.mark.skipif(not _kernel_collapses(), reason="needs Linux 6.1+ with transparent huge pages not 'never'")
 def test_a_sessions_weights_land_on_huge_pages_and_compute_the_same():
     k, n = 1024, 4096  # 16 MB of weights: onnxruntime repacks them into memory of its own
     weights = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
@@ -83,21 +118,21 @@ def test_a_sessions_weights_land_on_huge_pages_and_compute_the_same():
                               [numpy_helper.from_array(weights, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
     x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
-    plain = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    collapse_populated_memory()  # what was populated before is on huge pages now: the baseline
-    before = _anon_huge_kb()
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    assert collapse_populated_memory() >= 4 * HUGE_PAGE  # of the 8 the weights span (their start need not be aligned)
-    assert _anon_huge_kb() - before >= 4 * HUGE_PAGE // 1024
-    np.testing.assert_array_equal(session.run(None, {"x": x})[0], plain)
+    plain = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    expected = plain.run(None, {"x": x})[0]
+    before = collapse_populated_memory()  # all that was present before the second session: the baseline
+    huge_before = _anon_huge_kb()
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])  # both stay alive
+    assert collapse_populated_memory() - before >= 4 * HUGE_PAGE  # of the 8 its weights span
+    assert _anon_huge_kb() - huge_before >= 4 * HUGE_PAGE // 1024
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)
 
 
 def test_switched_off_the_engine_collapses_nothing(tiny_export, monkeypatch):
     from gpt2_onnx.engine import Engine
 
     calls = []
-    monkeypatch.setattr("gpt2_onnx.engine.session.collapse_populated_memory", lambda: calls.append(1) or 0)
+    monkeypatch.setattr("gpt2_onnx.engine.engine.collapse_populated_memory", lambda: calls.append(1) or 0)
     Engine(tiny_export, huge_pages=False)
     monkeypatch.setenv("GPT2_ONNX_HUGE_PAGES", "0")
     Engine(tiny_export)
