@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gpt2_onnx.engine.decoders import SharedBufferDecoder
-from gpt2_onnx.engine.hugepages import collapse_populated_memory
+from gpt2_onnx.engine.hugepages import collapse_populated_memory, huge_pages_wanted
 from gpt2_onnx.engine.manifest import MODEL_FILE, Manifest
 from gpt2_onnx.engine.session import session_options
 
@@ -47,7 +47,8 @@ def main() -> None:
     for entry in args.config:
         key, value = entry.split("=", 1)
         options.add_session_config_entry(key, value)
-    session = load(args.model_dir, options, not args.no_huge_pages)
+    huge_pages = huge_pages_wanted(False if args.no_huge_pages else None)  # as the engine decides
+    session = load(args.model_dir, options, huge_pages)
     decoder = SharedBufferDecoder(session, manifest)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, manifest.vocab_size, args.prompt)) for _ in range(args.batch)]
@@ -65,14 +66,14 @@ def main() -> None:
     if args.profile:  # a profiling session of its own, so the profile holds only what is reported
         options.enable_profiling = True
         options.profile_file_prefix = "/tmp/profile_step"
-        session = load(args.model_dir, options, not args.no_huge_pages)
+        session = load(args.model_dir, options, huge_pages)
         decoder = SharedBufferDecoder(session, manifest)
         decoder.allocate(args.batch, max_length)
         for prompt in prompts:
             decoder.add(prompt)
     step_ms = median_step_ms(decoder, tokens, args.steps)
     print(json.dumps({"model": str(args.model_dir), "batch": args.batch, "config": args.config,
-                      "huge_pages": not args.no_huge_pages,
+                      "huge_pages": huge_pages,
                       "prefill_ms": round(min(prefill) * 1e3, 2), "step_ms": round(step_ms, 3),
                       "tok_s": round(args.batch / step_ms * 1e3, 1)}))
     if args.profile:

@@ -81,6 +81,9 @@ class Suite:
             raise Gpt2OnnxError(f"none of the systems {', '.join(names)} can run here: {skipped}")
         self.log(f"[2/7] loading {', '.join(s.name for s in systems)}" +
                  "".join(f"\n      skipped {name}: {why}" for name, why in skipped.items()))
+        # before any system loads: the bandwidth probe puts the process's memory on huge pages, which must not
+        # reach the peers' weights (each peer runs as its users get it; the engine does this itself)
+        machine = machine_facts(c.threads)
         facts = {}
         for system in systems:
             start = time.perf_counter()
@@ -89,7 +92,7 @@ class Suite:
                                   "weight_mb_per_token": system.weight_bytes / 1e6}
         model_config = json.loads((cache.checkpoint() / "config.json").read_text())
         context, vocab = model_config["n_positions"], model_config["vocab_size"]
-        self.results = {"machine": machine_facts(c.threads), "config": {**asdict(c), "reps": c.rounds},
+        self.results = {"machine": machine, "config": {**asdict(c), "reps": c.rounds},
                         "systems": facts, "skipped": skipped}
         self.log("[3/7] latency and throughput")
         latency_points, throughput_points = c.latency_points(context), c.throughput_points(context)

@@ -70,11 +70,10 @@ def create_session(model_dir: Path, provider: str, threads: int | None,
     if not path.exists():
         raise Gpt2OnnxError(missing_model_hint(model_dir))
     try:
-        session = ort.InferenceSession(str(path), session_options(threads, shares_cores), providers=[ep])
+        return ort.InferenceSession(str(path), session_options(threads, shares_cores), providers=[ep])
     except Exception as exc:  # onnxruntime raises several pybind types; all mean the file is unusable
         raise Gpt2OnnxError(f"could not load {path}: {first_line(exc)}; the file is corrupt or incomplete, "
                             "re-export it") from None
-    return session
 
 
 def missing_model_hint(folder: Path) -> str:
