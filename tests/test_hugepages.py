@@ -154,3 +154,34 @@ def test_engine_logits_do_not_depend_on_the_page_size(tiny_export):
     plain, huge = (prefill_and_step(Engine(tiny_export, huge_pages=on)) for on in (False, True))
     for a, b in zip(plain, huge):
         np.testing.assert_array_equal(a, b)
+
+
+def _fake_sysfs(tmp_path, enabled: str, pmd_size: int = HUGE_PAGE):
+    (tmp_path / "enabled").write_text(enabled)
+    (tmp_path / "hpage_pmd_size").write_text(f"{pmd_size}\n")
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("enabled, pmd_size", [("always madvise [never]\n", HUGE_PAGE),  # the administrator's no
+                                               ("always [madvise] never\n", 512 * 1024 * 1024)])  # 64 KB-page arm64
+def test_thp_off_or_other_page_sizes_leave_memory_alone(tmp_path, monkeypatch, enabled, pmd_size):
+    from gpt2_onnx.engine import hugepages
+
+    monkeypatch.setattr(hugepages, "THP_SYSFS", _fake_sysfs(tmp_path, enabled, pmd_size))
+    monkeypatch.setattr(hugepages, "anonymous_ranges", lambda maps: pytest.fail("memory was scanned"))
+    assert collapse_populated_memory() == 0
+
+
+def test_an_unreadable_page_map_is_no_error(tmp_path, monkeypatch):
+    from gpt2_onnx.engine import hugepages
+
+    monkeypatch.setattr(hugepages, "THP_SYSFS", _fake_sysfs(tmp_path, "always [madvise] never\n"))
+    real_open = hugepages.os.open
+
+    def refuse(path, *args):
+        if str(path).endswith("pagemap"):
+            raise PermissionError(13, "denied", path)  # e.g. a sandbox without /proc/self/pagemap
+        return real_open(path, *args)
+
+    monkeypatch.setattr(hugepages.os, "open", refuse)
+    assert collapse_populated_memory() == 0
