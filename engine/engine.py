@@ -42,8 +42,9 @@ class Engine:
         """`shares_cores`: other threads of this process need the cores between runs (a server's event loop):
         the session's workers then stop spinning when a run ends (session.py). Always so when the export has
         a batched graph, whose session shares the cores with the main one. `huge_pages`: the weights on 2 MB
-        pages where Linux allows it (CPU; ~10 % off a decode step, hugepages.py); False leaves them as loaded;
-        None: as the environment's GPT2_ONNX_HUGE_PAGES says (0/false/no/off: off), else on."""
+        pages where Linux allows it (CPU; ~10 % off a decode step, hugepages.py), and the KV buffers that
+        `generate` sizes to its rows (decoders.zeroed); False leaves the weights as loaded and the buffers on
+        4 KB pages; None: as the environment's GPT2_ONNX_HUGE_PAGES says (0/false/no/off: off), else on."""
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             what = "is a file, not a folder" if self.model_dir.exists() else "does not exist"
@@ -62,7 +63,8 @@ class Engine:
         # always the fixed folder inside the export, whatever the manifest's text says: never a path from outside it
         self.batched_session = (create_session(self.model_dir / BATCHED_FOLDER, provider, threads, shares_cores=True)
                                 if batched else None)
-        if provider == "cpu" and huge_pages_wanted(huge_pages):
+        self.huge_pages = provider == "cpu" and huge_pages_wanted(huge_pages)  # for the KV buffers too
+        if self.huge_pages:
             collapse_populated_memory()  # once, both sessions' weights loaded
         self.batched_min_tokens = batched.get("min_tokens")  # another threshold: `batched_from`
 
@@ -124,7 +126,7 @@ class Engine:
         if self.manifest.graph != "fast":
             return ConcatCacheDecoder(self.session, self.manifest, self.provider)
         return SharedBufferDecoder(self.session, self.manifest, self.provider, self.batched_session,
-                                   self.batched_min_tokens)
+                                   self.batched_min_tokens, huge_pages=self.huge_pages)
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -68,6 +68,19 @@ def huge_pages_wanted(flag: bool | None) -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def memory_bytes() -> int:
+    """The memory this process may use: the machine's, or its cgroup's limit if lower (0 if unknown)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max": none
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
 def chunks(start: int, end: int) -> list[Range]:
     """[start, end) cut at CHUNK boundaries (bounds how much of the page map is read at once)."""
     bounds = [start, *range((start // CHUNK + 1) * CHUNK, end, CHUNK), end]

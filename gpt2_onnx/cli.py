@@ -20,6 +20,8 @@ from gpt2_onnx.engine.session import PROVIDERS
 from gpt2_onnx.errors import Gpt2OnnxError
 from gpt2_onnx.serve.config import ServerConfig  # fastapi-free: --help works on any install
 
+KV_PAGE_CHOICES = {"auto": None, "on": True, "off": False}
+
 
 class Help(argparse.HelpFormatter):
     """Shows each default once: appended unless the help already says it, never for None or False."""
@@ -217,6 +219,9 @@ def add_serve(sub) -> None:
                    help="require `Authorization: Bearer KEY` (default: $GPT2_ONNX_API_KEY, else no key)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the folder's name)")
     p.add_argument("--verify", action="store_true", help="check every file's sha256 before serving")
+    p.add_argument("--kv-huge-pages", choices=KV_PAGE_CHOICES, default="auto",
+                   help="the KV buffer (max batch x the model's context) on 2 MB pages: ~10%% faster attention, "
+                        "but a row in use commits its full length; auto: if the whole buffer is under 1/4 of memory")
     add_runtime_options(p)
     r = p.add_argument_group("Ray Serve (more than one process or machine; needs the `ray` extra)")
     r.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas, each with --threads CPUs (default 1)")
@@ -239,7 +244,7 @@ def run_serve(args) -> None:
             raise Gpt2OnnxError(f"{len(problems)} file(s) fail verification, e.g. {problems[0]}; re-export the model")
     config = ServerConfig(args.host, args.port, args.max_batch, args.max_queue, args.api_key, args.model_name,
                           max_body_bytes=args.max_body, max_rows_per_request=args.max_rows_per_request,
-                          request_timeout_s=args.request_timeout)
+                          request_timeout_s=args.request_timeout, kv_huge_pages=KV_PAGE_CHOICES[args.kv_huge_pages])
     if not args.ray:
         if args.replicas != 1 or args.autoscale or args.ray_address:
             raise Gpt2OnnxError("--replicas, --autoscale and --ray-address need --ray")

@@ -33,7 +33,7 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(),
                metrics_text: Callable[[], Awaitable[str]] | None = None) -> FastAPI:
     """`metrics_text`, when given, answers GET /metrics instead of this scheduler's own counters (Ray Serve
     replicas answer with the whole deployment's, serve/ray_metrics.py)."""
-    scheduler = Scheduler(engine, SchedulerConfig(config.max_batch, config.max_queue))
+    scheduler = Scheduler(engine, SchedulerConfig(config.max_batch, config.max_queue, config.kv_huge_pages))
     model_name = config.model_name or engine.model_dir.name
     limits = Limits(min(config.max_rows_per_request, config.max_queue), config.request_timeout_s)
 
@@ -107,8 +107,9 @@ def serve(model_dir: str | Path, config: ServerConfig = ServerConfig(), provider
     import uvicorn
 
     engine = Engine(model_dir, provider=provider, threads=threads, shares_cores=True)  # with the event loop
-    app = create_app(engine, config)
+    app = create_app(engine, config)  # the FastAPI app inside the Guard holds the scheduler
     print(f"gpt2-onnx: serving {engine.model_dir} as {config.model_name or engine.model_dir.name!r} on "
-          f"http://{config.host}:{config.port}/v1 (max batch {config.max_batch})", flush=True)
+          f"http://{config.host}:{config.port}/v1 (max batch {config.max_batch}; {app.app.state.scheduler.kv_summary})",
+          flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
                 timeout_graceful_shutdown=config.graceful_shutdown_s)

@@ -21,3 +21,4 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_rows_per_request: int = 64  # prompts x n
     request_timeout_s: float = 600.0
+    kv_huge_pages: bool | None = DEFAULTS.kv_huge_pages  # None: where affordable (engine/scheduler.py)

@@ -185,3 +185,116 @@ def test_an_unreadable_page_map_is_no_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hugepages.os, "open", refuse)
     assert collapse_populated_memory() == 0
+
+
+# -- the KV buffers ---------------------------------------------------------------------------------
+
+def _mapping_kb(address: int, field: str = "AnonHugePages:") -> int:
+    """`field` of the mapping holding `address` (/proc/self/smaps), in kB."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            inside = start <= address < end
+        elif inside and fields[0] == field:
+            return int(fields[1])
+    return 0
+
+
+def _kernel_faults_huge() -> bool:
+    """Probe the kernel itself: does written anonymous memory advised MADV_HUGEPAGE come on 2 MB pages here?"""
+    import mmap
+
+    if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    memory = mmap.mmap(-1, 4 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    array = np.frombuffer(memory, np.uint8)
+    array[::PAGE] = 1
+    try:
+        return _mapping_kb(array.ctypes.data) > 0
+    finally:
+        del array
+        memory.close()
+
+
+@pytest.mark.skipif(not _kernel_faults_huge(), reason="needs Linux with transparent huge pages not 'never'")
+def test_kv_buffers_go_on_huge_pages_only_when_asked():
+    from gpt2_onnx.engine.decoders import zeroed
+
+    shape = (4, 12, 1024, 64)  # 12 MB
+    huge, plain = zeroed(shape, np.dtype(np.float32), huge_pages=True), zeroed(shape, np.dtype(np.float32))
+    for array in (huge, plain):
+        array[:, :, :8] = 1.0  # every row and head: a few positions, as a batch of short rows
+    assert _mapping_kb(huge.ctypes.data) >= 4 * HUGE_PAGE // 1024
+    assert _mapping_kb(plain.ctypes.data) == 0  # even where the system default is 'always'
+    assert huge.sum() == plain.sum() == 4 * 12 * 8 * 64
+
+
+def test_generate_puts_its_kv_buffers_on_huge_pages_with_the_weights(tiny_export):
+    from gpt2_onnx.engine import Engine
+
+    assert Engine(tiny_export, huge_pages=True).new_decoder().huge_pages
+    assert not Engine(tiny_export, huge_pages=False).new_decoder().huge_pages
+
+
+@pytest.mark.parametrize("engine_huge, memory, setting, expected", [
+    (True, 64 << 30, None, True),   # affordable: the whole buffer is a small share of memory
+    (True, 1 << 20, None, False),   # a full-context buffer that would take over a quarter of memory
+    (True, 0, None, False),         # memory unknown
+    (False, 64 << 30, None, False),  # huge pages switched off for the engine
+    (True, 1 << 20, True, True),    # the setting wins
+    (True, 64 << 30, False, False),
+])
+def test_the_servers_kv_buffer_goes_on_huge_pages_only_where_affordable(tiny_export, monkeypatch, engine_huge,
+                                                                        memory, setting, expected):
+    from gpt2_onnx.engine import Engine, scheduler
+    from gpt2_onnx.engine.scheduler import Scheduler, SchedulerConfig
+
+    monkeypatch.setattr(scheduler, "memory_bytes", lambda: memory)
+    allocated = []
+    engine = Engine(tiny_export, huge_pages=engine_huge)
+    real_new_decoder = engine.new_decoder
+
+    def new_decoder():
+        decoder = real_new_decoder()
+        real_allocate = decoder.allocate
+        decoder.allocate = lambda *args: allocated.append(args) or real_allocate(*args)
+        return decoder
+
+    engine.new_decoder = new_decoder
+    sched = Scheduler(engine, SchedulerConfig(max_batch=4, kv_huge_pages=setting))
+    assert sched.kv_huge_pages is expected and allocated[-1][2] is expected
+    assert ("2 MB pages" in sched.kv_summary) is expected
+    sched.stop()
+
+
+@pytest.mark.parametrize("flag, expected", [("auto", None), ("on", True), ("off", False)])
+def test_serve_passes_its_kv_page_choice_to_the_scheduler(tiny_export, monkeypatch, flag, expected):
+    from gpt2_onnx import cli
+    from gpt2_onnx.engine import Engine
+    from gpt2_onnx.serve import app
+
+    seen = []
+    monkeypatch.setattr(app, "serve", lambda model_dir, config, **_: seen.append(config))
+    monkeypatch.setattr(cli, "check_port_free", lambda host, port: None)
+    assert not cli.main(["serve", str(tiny_export), "--kv-huge-pages", flag])
+    assert seen[0].kv_huge_pages is expected
+    if expected is not None:
+        scheduler = app.create_app(Engine(tiny_export), seen[0]).app.state.scheduler
+        assert scheduler.kv_huge_pages is expected
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/smaps")
+def test_a_server_on_huge_pages_commits_its_kv_buffer_at_start(tiny_export):
+    from gpt2_onnx.engine import Engine
+    from gpt2_onnx.engine.scheduler import Scheduler, SchedulerConfig
+
+    sched = Scheduler(Engine(tiny_export), SchedulerConfig(max_batch=256, kv_huge_pages=True))
+    array = sched.batch.decoder.arrays[0]
+    assert array.nbytes >= 4 * 1024 * 1024  # a mapping of its own (smaller buffers come from numpy)
+    assert _mapping_kb(array.ctypes.data, "Rss:") * 1024 >= array.nbytes  # every page, before any request
+    lazy = Scheduler(Engine(tiny_export), SchedulerConfig(max_batch=256, kv_huge_pages=False))
+    assert _mapping_kb(lazy.batch.decoder.arrays[0].ctypes.data, "Rss:") == 0
+    sched.stop(), lazy.stop()
