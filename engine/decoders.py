@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from gpt2_onnx.errors import Gpt2OnnxError
 
+from .hugepages import affordable
 from .manifest import FAST_INPUTS, REFERENCE_INPUTS, Manifest
 
 
@@ -98,6 +99,7 @@ class SharedBufferDecoder:
         self.names = manifest.io.cache_names(manifest.n_layer)  # (past, present) per layer and kind
         self.dtype = np.dtype(manifest.io.kv_dtype)  # fp16 graphs keep an fp16 cache
         self.huge_pages = huge_pages  # the KV buffer's default page size (see `zeroed`)
+        self.on_huge_pages = False  # the page size of the buffer allocated last
         self.capacity = self.max_length = self.rows = 0
 
     def buffer_bytes(self, capacity: int, max_length: int) -> int:
@@ -106,11 +108,14 @@ class SharedBufferDecoder:
 
     def allocate(self, capacity: int, max_length: int, huge_pages: bool | None = None) -> None:
         """Room for `capacity` rows of up to `max_length` tokens each (prompt + generated); on 2 MB pages if
-        `huge_pages` (None: the decoder's default)."""
+        `huge_pages`, or when None if the decoder's default says so and the whole buffer is affordable (a row
+        on them commits its full length at its first token: `zeroed`)."""
         shape = (capacity, self.manifest.n_head, max_length, self.manifest.head_dim)
+        if huge_pages is None:
+            huge_pages = self.huge_pages and affordable(self.buffer_bytes(capacity, max_length))
+        self.on_huge_pages = self.provider == "cpu" and huge_pages
         if self.provider == "cpu":  # numpy owns the memory (zeroed lazily by the OS: pages are touched as used)
-            huge = self.huge_pages if huge_pages is None else huge_pages
-            self.arrays = [zeroed(shape, self.dtype, huge) for _ in self.names]
+            self.arrays = [zeroed(shape, self.dtype, huge_pages) for _ in self.names]
             self.buffers = [ort.OrtValue.ortvalue_from_numpy(array) for array in self.arrays]
         else:
             self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.provider, 0)

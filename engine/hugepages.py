@@ -32,6 +32,7 @@ MADV_COLLAPSE = 25  # <asm-generic/mman-common.h>
 PRESENT = np.uint64(1 << 63)  # /proc/PID/pagemap: the page is in memory (readable without privileges)
 THP_SYSFS = "/sys/kernel/mm/transparent_hugepage"
 ENV = "GPT2_ONNX_HUGE_PAGES"
+AFFORDABLE_SHARE = 4
 
 Range = tuple[int, int]  # [start, end) addresses
 
@@ -79,6 +80,12 @@ def memory_bytes() -> int:
     except OSError:
         return total
     return min(total, int(limit)) if limit.isdigit() else total
+
+
+def affordable(nbytes: int) -> bool:
+    """Whether `nbytes` may be committed whole (a KV buffer on 2 MB pages): at most 1/AFFORDABLE_SHARE of
+    memory (gpt2: 32 rows of 1,024 tokens, 2.4 GB, on a 16 GB machine)."""
+    return 0 < nbytes <= memory_bytes() // AFFORDABLE_SHARE
 
 
 def chunks(start: int, end: int) -> list[Range]:

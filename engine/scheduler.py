@@ -22,13 +22,9 @@ from gpt2_onnx.errors import Gpt2OnnxError, first_line
 
 from .decoders import SharedBufferDecoder
 from .engine import Engine
-from .hugepages import memory_bytes
 from .loop import Batch, Row
 from .metrics import Metrics
 from .sampling import TokenLogprob
-
-
-KV_HUGE_PAGES_SHARE = 4
 
 
 class QueueFull(Gpt2OnnxError):
@@ -43,9 +39,9 @@ class Unavailable(Gpt2OnnxError):
 class SchedulerConfig:
     max_batch: int = 16  # rows decoded together (slots of the KV buffer)
     max_queue: int = 256  # rows waiting for a slot; more are refused (QueueFull), never buffered
-    # the KV buffer (max_batch rows of the model's full context) on 2 MB pages: attention ~10 % faster, but each
-    # row in use commits its full length (decoders.zeroed). None: when the engine uses huge pages and the whole
-    # buffer is at most 1/KV_HUGE_PAGES_SHARE of memory (gpt2, 32 rows: 2.4 GB)
+    # the KV buffer (max_batch rows of the model's full context) on 2 MB pages, committed at start: attention
+    # ~10 % faster, but all of it is held (decoders.zeroed). None: when the engine uses huge pages and the whole
+    # buffer is affordable (hugepages.affordable: at most a quarter of memory; gpt2, 32 rows: 2.4 GB)
     kv_huge_pages: bool | None = None
 
     def __post_init__(self) -> None:
@@ -86,14 +82,11 @@ class Scheduler:
         if not isinstance(decoder, SharedBufferDecoder):
             raise Gpt2OnnxError(f"{engine.model_dir} is a reference-graph export; continuous batching needs the "
                                 "fast graph: re-export without --graph reference")
-        kv_bytes = decoder.buffer_bytes(config.max_batch, engine.manifest.n_positions)
-        self.kv_huge_pages = (config.kv_huge_pages if config.kv_huge_pages is not None else
-                              engine.huge_pages and 0 < kv_bytes <= memory_bytes() // KV_HUGE_PAGES_SHARE)
-        where = ("on the device" if engine.provider != "cpu" else
-                 "on 2 MB pages" if self.kv_huge_pages else "on 4 KB pages, committed as rows grow")
-        self.kv_summary = f"KV buffer {kv_bytes / 1e6:.0f} MB {where}"
         self.engine, self.config = engine, config
         self._allocate(decoder)
+        where = ("on the device" if engine.provider != "cpu" else
+                 "on 2 MB pages" if decoder.on_huge_pages else "on 4 KB pages, committed as rows grow")
+        self.kv_summary = f"KV buffer {decoder.buffer_bytes(config.max_batch, decoder.max_length) / 1e6:.0f} MB {where}"
         self.batch = Batch(decoder, on_token=self._deliver)
         self.waiting: deque[Job] = deque()
         self.jobs: dict[int, Job] = {}  # id(row) -> job, for the rows in the batch
@@ -106,9 +99,13 @@ class Scheduler:
 
     def _allocate(self, decoder: SharedBufferDecoder) -> None:
         """max_batch rows of the model's whole context; on 2 MB pages committed now, before any request."""
-        decoder.allocate(self.config.max_batch, self.engine.manifest.n_positions, self.kv_huge_pages)
-        if self.kv_huge_pages:
+        decoder.allocate(self.config.max_batch, self.engine.manifest.n_positions, self.config.kv_huge_pages)
+        if decoder.on_huge_pages:
             decoder.commit()
+
+    @property
+    def kv_huge_pages(self) -> bool:
+        return self.batch.decoder.on_huge_pages
 
     @property
     def alive(self) -> bool:

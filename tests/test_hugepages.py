@@ -249,25 +249,26 @@ def test_generate_puts_its_kv_buffers_on_huge_pages_with_the_weights(tiny_export
 ])
 def test_the_servers_kv_buffer_goes_on_huge_pages_only_where_affordable(tiny_export, monkeypatch, engine_huge,
                                                                         memory, setting, expected):
-    from gpt2_onnx.engine import Engine, scheduler
+    from gpt2_onnx.engine import Engine, hugepages
     from gpt2_onnx.engine.scheduler import Scheduler, SchedulerConfig
 
-    monkeypatch.setattr(scheduler, "memory_bytes", lambda: memory)
-    allocated = []
-    engine = Engine(tiny_export, huge_pages=engine_huge)
-    real_new_decoder = engine.new_decoder
-
-    def new_decoder():
-        decoder = real_new_decoder()
-        real_allocate = decoder.allocate
-        decoder.allocate = lambda *args: allocated.append(args) or real_allocate(*args)
-        return decoder
-
-    engine.new_decoder = new_decoder
-    sched = Scheduler(engine, SchedulerConfig(max_batch=4, kv_huge_pages=setting))
-    assert sched.kv_huge_pages is expected and allocated[-1][2] is expected
+    monkeypatch.setattr(hugepages, "memory_bytes", lambda: memory)
+    sched = Scheduler(Engine(tiny_export, huge_pages=engine_huge), SchedulerConfig(max_batch=4, kv_huge_pages=setting))
+    assert sched.kv_huge_pages is expected
     assert ("2 MB pages" in sched.kv_summary) is expected
     sched.stop()
+
+
+def test_generates_kv_buffer_goes_on_huge_pages_only_where_affordable(tiny_export, monkeypatch):
+    from gpt2_onnx.engine import Engine, hugepages
+
+    decoder = Engine(tiny_export, huge_pages=True).new_decoder()
+    monkeypatch.setattr(hugepages, "memory_bytes", lambda: 64 << 30)
+    decoder.prefill([[1, 2, 3]], 64)
+    assert decoder.on_huge_pages
+    monkeypatch.setattr(hugepages, "memory_bytes", lambda: 4 * decoder.buffer_bytes(1, 64) - 1)
+    decoder.prefill([[1, 2, 3]], 64)
+    assert not decoder.on_huge_pages
 
 
 @pytest.mark.parametrize("flag, expected", [("auto", None), ("on", True), ("off", False)])
