@@ -23,18 +23,26 @@ CHECK = re.compile(r"^\s*(?P<lhs>[^<>=]+?)\s*(?P<op><=|>=)\s*(?P<value>[0-9.eE+-
 def metric(results: dict, term: str) -> float | None:
     """`per_token[@L]`, `prefill[@L]`, `throughput@B`, `cold_start`, `peak_rss`, `rss_growth`, `kv_buffer` of a system,
     written `METRIC:SYSTEM`; `floor`: the system's weights per token over the bandwidth measured in the same run
-    (ms: the per-token time if streaming weights were all it did); `serving@C`: the served system's tokens/s
-    at C concurrent clients. None where the suite did not measure it."""
+    (ms: the per-token time if streaming weights were all it did); `products`, `overhead`, `kernel_floor` (ms):
+    an engine's one-row weight products alone, its graph's fixed step cost, and their sum (kernel_floor.py);
+    `serving@C`: the served system's tokens/s at C concurrent clients; `direct@C`: that system's own tokens/s,
+    prompts included, on the same work (C rows) without HTTP or the scheduler. None where not measured."""
     name, _, system = term.partition(":")
     kind, _, at = name.partition("@")
     if kind == "floor":
         weight_mb = results.get("systems", {}).get(system, {}).get("weight_mb_per_token")
         bandwidth = results.get("machine", {}).get("memory_read_gb_per_s")
         return weight_mb / bandwidth if weight_mb and bandwidth else None  # MB / (GB/s) = ms
+    if kind in ("products", "overhead", "kernel_floor"):
+        return results.get("kernel_floor", {}).get(system, {}).get(f"{kind}_ms", {}).get("median")
+    serving = results.get("serving") or {}
     if kind == "serving":
-        serving = results.get("serving") or {}
         levels = [lv for lv in serving.get("levels", []) if lv["clients"] == int(at or 1)]
         return levels[0]["tokens_per_s"] if levels and serving.get("system") == system else None
+    if kind == "direct":
+        direct = serving.get("direct") or {}
+        same = serving.get("system") == system and direct.get("point", {}).get("batch") == int(at or 1)
+        return direct["end_to_end_tokens_per_s"]["median"] if same else None
     if kind in ("per_token", "prefill"):
         rows = results.get("latency", {}).get(system, [])
         rows = [r for r in rows if r["point"]["prompt"] == int(at)] if at else rows[:1]
@@ -76,7 +84,8 @@ def markdown(results: dict) -> str:
              f"{m['memory_gb']} GiB; weights stream at {m['memory_read_gb_per_s']} GB/s (a {m['threads']}-thread "
              f"onnxruntime MatMul over 256 MB). Greedy, EOS ignored, same prompt ids for all; {c['reps']} alternating "
              f"rounds after a warm-up; medians (min–max). Command: `{c['command']}`", ""]
-    lines += _latency_table(results) + _throughput_table(results) + _serving_table(results) + _memory_table(results)
+    lines += _latency_table(results) + _throughput_table(results) + _kernel_floor_table(results)
+    lines += _serving_table(results) + _memory_table(results)
     lines += _parity_table(results)
     lines += ["## Ratios", "", "| ratio | value | target |", "|---|---|---|"]
     for check in results.get("targets", []) + results.get("checks", []):
@@ -141,6 +150,24 @@ def _throughput_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _kernel_floor_table(results: dict) -> list[str]:
+    floors = results.get("kernel_floor")
+    if not floors:
+        return []
+    lines = ["## Floors of a one-row decode step (ms; the engine's kernels, measured in this run)", "",
+             "Weight floor: the weights a step reads over the bandwidth above. Products: the export's weight products "
+             "alone (same ops and weights, one row each). Fixed cost: the same graph with heads of 8, less its own "
+             "products (dispatch, threads, attention, small ops). Kernel floor: products + fixed cost.", "",
+             "| system | ms/token p50 | weight floor | products alone | fixed cost | kernel floor | ms/token / kernel floor |",
+             "|---|---|---|---|---|---|---|"]
+    for name, floor in floors.items():
+        per_token, kernel = metric(results, f"per_token:{name}"), floor["kernel_floor_ms"]["median"]
+        lines.append(f"| {name} | {_num(per_token, 2)} | {_num(metric(results, f'floor:{name}'), 2)} | "
+                     f"{cell(floor, 'products_ms', digits=2)} | {cell(floor, 'overhead_ms', digits=2)} | "
+                     f"{cell(floor, 'kernel_floor_ms', digits=2)} | {_num(per_token and per_token / kernel, 2)} |")
+    return lines + [""]
+
+
 def _serving_table(results: dict) -> list[str]:
     serving = results.get("serving")
     if not serving:
@@ -151,6 +178,12 @@ def _serving_table(results: dict) -> list[str]:
     for level in serving["levels"]:
         lines.append(f"| {level['clients']} | {level['requests']} | {level['prompt_tokens']} / {level['new_tokens']} | "
                      f"{level['tokens_per_s']:.0f} | {level['latency_s']['p50']:.2f} | {level['latency_s']['p99']:.2f} |")
+    direct = serving.get("direct")
+    if direct:
+        point = direct["point"]
+        lines += ["", f"The engine alone on the same work ({point['batch']} rows of {point['prompt']} + {point['new_tokens']} "
+                  f"tokens, prompts included, no HTTP or scheduler): {cell(direct, 'end_to_end_tokens_per_s', digits=0)} "
+                  f"tokens/s ({cell(direct, 'decode_tokens_per_s', digits=0)} counting decode steps only)."]
     return lines + [""]
 
 

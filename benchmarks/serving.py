@@ -30,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+SERVED_PROMPT = 32  # tokens in each load request's prompt
+
 
 def serving_load(folder: Path, threads: int, levels: tuple[int, ...], requests_per_client: int, new_tokens: int,
-                 vocab_size: int, prompt_tokens: int = 32, log: Callable[[str], None] = print) -> list[dict]:
+                 vocab_size: int, prompt_tokens: int = SERVED_PROMPT, log: Callable[[str], None] = print) -> list[dict]:
     with _server(folder, threads, max_batch=max(levels)) as url:
         results = []
         for clients in levels:

@@ -1,8 +1,8 @@
 """`gpt2-onnx bench`: every system, every measurement, one run; reports in --out.
 
 Stages: build or reuse the exports -> load every system -> latency and throughput runs (alternating) ->
-memory and cold start (a fresh process per system) -> the HTTP server under load -> parity -> JSON,
-Markdown and plots -> checks.
+the engine's kernel floors -> memory and cold start (a fresh process per system) -> the HTTP server under
+load, and the engine alone on the same work -> parity -> JSON, Markdown and plots -> checks.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from .exports import ExportCache
 from .machine import machine_facts
 from .measure import Point, measure, summarize
 from .fidelity import engine_parity, greedy_agreement
-from .serving import serving_load
+from .kernel_floor import kernel_floors
+from .serving import SERVED_PROMPT, serving_load
 from .report import TARGETS, evaluate, write_reports
 from .systems import System, make_systems
 
@@ -43,6 +44,7 @@ class BenchConfig:
     eval_text: Path | None = None
     memory: bool = True  # the per-system process probes
     serving: bool = True  # the HTTP server under concurrent clients
+    kernel_floors: bool = True  # the engine's weight products alone and its graph's fixed step cost
     cache: Path | None = None
     llama_cpp: Path | None = None  # an existing llama.cpp build (None: build the pinned one once, cached)
     llama_tools: bool = True  # llama.cpp's own llama-bench / llama-batched-bench beside the suite's timing of it
@@ -74,12 +76,12 @@ class Suite:
         log = self.log
         self.log = lambda line: log(f"{time.perf_counter() - started:6.1f}s {line}")
         cache = ExportCache(c.source, c.cache, log=self.log)
-        self.log(f"[1/7] exports for {c.source} (cached)")
+        self.log(f"[1/8] exports for {c.source} (cached)")
         names = c.systems or (QUICK_SYSTEMS if c.quick else ALL_SYSTEMS)
         systems, skipped = make_systems(list(names), cache, c.threads, llama_dir=c.llama_cpp)
         if not systems:
             raise Gpt2OnnxError(f"none of the systems {', '.join(names)} can run here: {skipped}")
-        self.log(f"[2/7] loading {', '.join(s.name for s in systems)}" +
+        self.log(f"[2/8] loading {', '.join(s.name for s in systems)}" +
                  "".join(f"\n      skipped {name}: {why}" for name, why in skipped.items()))
         # before any system loads: the bandwidth probe puts the process's memory on huge pages, which must not
         # reach the peers' weights (each peer runs as its users get it; the engine does this itself)
@@ -94,7 +96,7 @@ class Suite:
         context, vocab = model_config["n_positions"], model_config["vocab_size"]
         self.results = {"machine": machine, "config": {**asdict(c), "reps": c.rounds},
                         "systems": facts, "skipped": skipped}
-        self.log("[3/7] latency and throughput")
+        self.log("[3/8] latency and throughput")
         latency_points, throughput_points = c.latency_points(context), c.throughput_points(context)
         runs = measure(systems, latency_points + throughput_points, c.rounds, vocab, self.log)
         for key, points in (("latency", latency_points), ("throughput", throughput_points)):
@@ -103,19 +105,27 @@ class Suite:
         llamas = [s for s in systems if s.name.startswith("llamacpp-")]
         if llamas and c.llama_tools:
             self._llama_tools(llamas, latency_points, throughput_points)
+        engines = [s for s in systems if s.name.startswith("engine-")]
+        if c.kernel_floors and engines:
+            self.log(f"[4/8] kernel floors of {', '.join(s.name for s in engines)}: their weight products alone, "
+                     "and their graphs' fixed step cost")
+            self.results["kernel_floor"] = kernel_floors({s.name: s.folder for s in engines}, model_config,
+                                                         c.threads, c.rounds, 30 if c.quick else 100)
         if c.memory:
             probed = [s for s in systems if s.name.startswith("engine-")] if c.quick else systems
-            self.log(f"[4/7] memory and cold start, one process per system: {', '.join(s.name for s in probed)}")
+            self.log(f"[5/8] memory and cold start, one process per system: {', '.join(s.name for s in probed)}")
             self.results["memory"] = {s.name: self._probe(s, cache, context, vocab) for s in probed}
-        engines = [s for s in systems if s.name.startswith("engine-")]
         if c.serving and engines:
             served = next((s for s in engines if s.name == "engine-int8"), engines[0])
-            self.log(f"[5/7] serving load on {served.name}")
-            levels = (1, 4) if c.quick else (1, 8, 32)
+            self.log(f"[6/8] serving load on {served.name}")
+            levels, new_tokens = (1, 4) if c.quick else (1, 8, 32), min(16 if c.quick else 128, context - 40)
             self.results["serving"] = {"system": served.name, "levels": serving_load(
-                served.folder, c.threads, levels, 2 if c.quick else 4, min(16 if c.quick else 128, context - 40),
-                vocab, log=self.log)}
-        self.log("[6/7] parity with PyTorch")
+                served.folder, c.threads, levels, 2 if c.quick else 4, new_tokens, vocab, log=self.log)}
+            # the same work without HTTP or the scheduler: what the server's own costs are measured against
+            same_work = Point(max(levels), SERVED_PROMPT, new_tokens)
+            direct = measure([served], [same_work], c.rounds, vocab, self.log)[served.name, same_work]
+            self.results["serving"]["direct"] = summarize(direct, same_work, served.weight_bytes)
+        self.log("[7/8] parity with PyTorch")
         first = latency_points[0]
         self.results["parity"] = {
             "greedy_vs_pytorch": greedy_agreement({s.name: runs[s.name, first][0].tokens[0] for s in systems}),
@@ -125,7 +135,7 @@ class Suite:
         self.results["checks"] = [evaluate(self.results, check) for check in c.checks]
         self.results["elapsed_s"] = time.perf_counter() - started
         written = write_reports(self.results, Path(c.out))
-        self.log(f"[7/7] wrote {', '.join(str(p) for p in written)} in {self.results['elapsed_s']:.0f} s")
+        self.log(f"[8/8] wrote {', '.join(str(p) for p in written)} in {self.results['elapsed_s']:.0f} s")
         return self.results
 
     def _llama_tools(self, llamas: list[System], latency_points: list[Point], throughput_points: list[Point]) -> None:

@@ -233,25 +233,31 @@ def _missing(module: str) -> str | None:
 
 
 def onnx_weight_bytes(path: Path) -> int:
-    """Bytes of the initializers a one-row decode step reads: all but tables that are only gathered from (one
-    row). Of an If it follows the then-branch: the exporter's only If is the shortlisted LM head's
+    """Bytes of the initializers a one-row decode step reads: all but tables (and their scales) that are only
+    gathered from (one row). Of an If it follows the then-branch: the exporter's only If is the shortlisted LM head's
     (export/lm_head.py), whose then-branch is the few-rows path, reading the 4-bit table and gathering
     from the 8-bit one."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    uses: dict[str, set[str]] = {}
+    consumers: dict[str, list] = {}
 
     def walk(graph) -> None:
         for node in graph.node:
             for name in node.input:
-                uses.setdefault(name, set()).add(node.op_type)
+                consumers.setdefault(name, []).append(node)
             if node.op_type == "If":
                 walk(next(a.g for a in node.attribute if a.name == "then_branch"))
     walk(model.graph)
+
+    def uses(name: str) -> set[str]:  # the ops that read a tensor, looking through Reshapes (a gathered table's scales)
+        ops = set()
+        for node in consumers.get(name, []):
+            ops |= uses(node.output[0]) if node.op_type == "Reshape" and node.input[0] == name else {node.op_type}
+        return ops
     total = 0
     for tensor in model.graph.initializer:
-        if uses.get(tensor.name, set()) <= {"Gather", "GatherBlockQuantized"}:
+        if uses(tensor.name) <= {"Gather", "GatherBlockQuantized"}:
             continue
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             total += int({e.key: e.value for e in tensor.external_data}.get("length", 0))

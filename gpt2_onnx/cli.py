@@ -287,6 +287,8 @@ def add_bench(sub) -> None:
     p.add_argument("--eval-text", default=None, help="text for the quantized parity (default: the shipped prose)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process memory and cold-start probes")
     p.add_argument("--no-serving", action="store_true", help="skip the HTTP server under load")
+    p.add_argument("--no-kernel-floors", action="store_true",
+                   help="skip timing the engine's weight products alone and its graph's fixed step cost")
     p.add_argument("--cache", default=None, help="export cache (default: $GPT2_ONNX_CACHE or ~/.cache/gpt2-onnx/bench)")
     p.add_argument("--llama-cpp", default=None, metavar="DIR",
                    help="an existing llama.cpp build for the llamacpp-* systems (default: build llama.cpp's tools once "
@@ -315,7 +317,8 @@ def run_bench(args) -> int:
     config = BenchConfig(source=args.model, out=Path(args.out), quick=args.quick, threads=args.threads,
                          systems=systems, reps=args.reps, checks=tuple(args.check),
                          eval_text=Path(args.eval_text) if args.eval_text else None, memory=not args.no_memory,
-                         serving=not args.no_serving, cache=Path(args.cache) if args.cache else None,
+                         serving=not args.no_serving, kernel_floors=not args.no_kernel_floors,
+                         cache=Path(args.cache) if args.cache else None,
                          llama_cpp=Path(args.llama_cpp) if args.llama_cpp else None, llama_tools=not args.no_llama_tools,
                          command=" ".join(["gpt2-onnx bench", *sys.argv[2:]]))
     results = Suite(config).run()

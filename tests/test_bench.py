@@ -44,9 +44,17 @@ def test_quick_suite_writes_json_markdown_and_plots(bench_run):
         assert probe["cold_start_s"] > 0 and probe["peak_rss_mb"] >= probe["rss_after_load_mb"] > 0
         assert probe["kv_buffer_mb"] > 0 and "rss_growth_long_vs_10_mb" in probe
     assert results["serving"]["levels"][0]["tokens_per_s"] > 0
+    direct = results["serving"]["direct"]  # the engine alone on the work of the most clients
+    assert direct["point"] == {"batch": 4, "prompt": 32, "new_tokens": 16} and direct["end_to_end_tokens_per_s"]["median"] > 0
+    for name in ("engine-fp32", "engine-int8"):
+        floor = results["kernel_floor"][name]
+        for key in ("products_ms", "overhead_ms", "kernel_floor_ms"):
+            assert 0 <= floor[key]["min"] <= floor[key]["median"] <= floor[key]["max"]
+        assert floor["products_ms"]["min"] > 0
     assert [c["holds"] for c in results["checks"]] == [True, False]
     markdown = (out / "results.md").read_text()
-    for heading in ("## Latency", "## Throughput", "## Serving", "## Size and memory", "## Parity", "## Ratios"):
+    for heading in ("## Latency", "## Throughput", "## Floors", "## Serving", "## Size and memory", "## Parity",
+                    "## Ratios"):
         assert heading in markdown
     for plot in ("latency_vs_context.png", "throughput_vs_batch.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -86,6 +94,12 @@ def test_floor_and_serving_terms():
     assert evaluate(results, "serving@32:a/throughput@16:a>=0.9") == \
            {"check": "serving@32:a/throughput@16:a", "op": ">=", "bound": 0.9, "value": 0.8, "holds": False}
     assert evaluate(results, "serving@8:a>=1")["holds"] is None and evaluate(results, "floor:b>=1")["holds"] is None
+    results["kernel_floor"] = {"a": {"kernel_floor_ms": {"median": 4.5}, "products_ms": {"median": 4.0}}}
+    results["serving"]["direct"] = {"point": {"batch": 32}, "end_to_end_tokens_per_s": {"median": 1000.0}}
+    assert evaluate(results, "per_token:a/kernel_floor:a<=1.25")["value"] == 5.0 / 4.5
+    assert evaluate(results, "products:a<=4")["holds"] and evaluate(results, "overhead:a<=1")["holds"] is None
+    assert evaluate(results, "serving@32:a/direct@32:a>=0.9")["value"] == 0.8
+    assert evaluate(results, "direct@8:a>=1")["holds"] is None  # measured at 32 rows only
 
 
 def test_concurrency_gain_on_a_real_server(tiny_export):
