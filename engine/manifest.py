@@ -25,7 +25,8 @@ FORMAT = "gpt2-onnx/2"
 # Each choice is declared here once; the export, the CLI, the engine and the docs read these.
 PRECISIONS = ("fp32", "int8", "int4", "fp16")  # fp16 is for the CUDA provider
 GRAPHS = ("fast", "reference")  # fast: op-by-op graph on a shared KV buffer; reference: Optimum's export
-KV_DTYPES = ("float32", "float16")
+KV_DTYPES = ("float32", "float16", "int8")
+KV_CACHES = ("float32", "int8")  # export --kv-cache: the cache a float32 graph keeps (fp16 graphs keep fp16)
 INT8_KERNELS = ("DynamicQuantizeMatMul", "MatMulNBits")  # int8 blocks: per-channel weights, or 8-bit blocks
 
 
@@ -104,10 +105,10 @@ class Manifest:
         return sum(self.sizes.values())
 
     @classmethod
-    def for_graph(cls, graph: str, precision: str, config: dict, **extra) -> Manifest:
+    def for_graph(cls, graph: str, precision: str, config: dict, kv_cache: str = "float32", **extra) -> Manifest:
         """A manifest for a model of Hugging Face `config` (a GPT2Config dict) and a graph kind."""
         eos = config.get("eos_token_id", 50256)
-        kv_dtype = "float16" if precision == "fp16" else "float32"
+        kv_dtype = "float16" if precision == "fp16" else kv_cache
         return cls(graph=graph, precision=precision, n_layer=config["n_layer"], n_head=config["n_head"],
                    n_embd=config["n_embd"], n_positions=config["n_positions"], vocab_size=config["vocab_size"],
                    eos_token_id=eos[0] if isinstance(eos, list) else eos, bos_token_id=config.get("bos_token_id"),

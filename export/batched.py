@@ -44,19 +44,20 @@ def batched_recipe(quant: QuantConfig) -> QuantConfig:
     prompt's one logits row its 4-bit table (gpt2: 21 MB more on disk and in memory) saved 0.5-0.8 of ~14.5 ms
     (int8 gpt2, 32-token prompts, alternating), not judged worth the memory."""
     return replace(QuantConfig.int8(block_size=quant.block_size, kernel="DynamicQuantizeMatMul"),
-                   lm_head_bits=quant.head_bits or 32, head_shortlist=0, batched_graph=False)
+                   lm_head_bits=quant.head_bits or 32, head_shortlist=0, batched_graph=False, kv_cache=quant.kv_cache)
 
 
-def add_batched_graph(model, work: Path, quant: QuantConfig, manifest, log) -> dict:
-    """Write the int8 graph into `work/batched/`, time it against the main graph, and keep it if it wins
-    from some length on: the manifest's `batched` entry, or {} (and no folder) if it never does."""
+def add_batched_graph(model, work: Path, quant: QuantConfig, manifest, log, kv_scales: dict | None = None) -> dict:
+    """Write the int8 graph into `work/batched/` (over the main graph's cache: the same `kv_scales`), time it
+    against the main graph, and keep it if it wins from some length on: the manifest's `batched` entry, or {}
+    (and no folder) if it never does."""
     from gpt2_onnx.engine import Engine
 
     from .to_onnx import export_fast_graph
 
     folder = work / BATCHED_FOLDER
     folder.mkdir()
-    max_weight_error = export_fast_graph(model, folder, batched_recipe(quant))[1]
+    max_weight_error = export_fast_graph(model, folder, batched_recipe(quant), kv_scales)[1]
     timing = calibrate(Engine(work, manifest=replace(manifest, batched={"folder": BATCHED_FOLDER})))
     if timing["min_tokens"] is None:
         log("      the batched graph was not faster at any length on this machine: left out")

@@ -13,7 +13,7 @@ The residual add and its LayerNorm are Add + LayerNormalization, the bias inside
 fp16 graphs (for CUDA) use the fused SkipLayerNormalization instead (`GraphWriter.skip_layer_norm`).
 
 The KV cache is one buffer per layer and kind, [B, H, T_max, D], bound as both `past_key_values.{i}.*`
-and `present.{i}.*`: GroupQueryAttention writes only the new rows. `seqlens_k[b]` is the number of tokens
+and `present.{i}.*`: GroupQueryAttention writes only the new rows (int8 with `--kv-cache int8`, kv_cache.py). `seqlens_k[b]` is the number of tokens
 in row b's cache after this step minus one; `total_sequence_length` the longest row's count. Only the
 positions listed in `logits_positions` (-1: the last) reach the LM head, which reads the (possibly
 quantized) embedding table stored once.
@@ -189,11 +189,15 @@ def build_graph(weights: Mapping[str, np.ndarray], shape: GraphShape, quant: Qua
         p, name = f"h.{i}", f"/model/layers.{i}"
         qkv = g.linear(f"{name}/attn/qkv_proj", g.to_compute(h, f"{name}/attn"), w[f"{p}.attn.c_attn.weight"],
                        w[f"{p}.attn.c_attn.bias"])
-        attn, present_k, present_v = g.op(
-            "GroupQueryAttention", [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                                    "seqlens_k", "total_sequence_length"],
-            f"{name}/attn/GroupQueryAttention", n_out=3, domain="com.microsoft",
-            num_heads=shape.n_head, kv_num_heads=shape.n_head)
+        cache = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+                 "total_sequence_length"]
+        quantized = {}
+        if g.quant.kv_cache == "int8":  # inputs 12 and 13: the per-channel scales (kv_cache.py)
+            cache += [""] * 5 + [g.weight(f"{name}/attn/{kind}_scale", w[f"{p}.attn.{kind}_scale"]) for kind in "kv"]
+            quantized = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+        attn, present_k, present_v = g.op("GroupQueryAttention", cache, f"{name}/attn/GroupQueryAttention", n_out=3,
+                                          domain="com.microsoft", num_heads=shape.n_head, kv_num_heads=shape.n_head,
+                                          **quantized)
         g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
         h, residual = g.project_into_residual(f"{name}/attn/o_proj", attn, w[f"{p}.attn.c_proj.weight"],
                                               w[f"{p}.attn.c_proj.bias"], residual, w, f"{p}.ln_2",
@@ -216,7 +220,7 @@ def build_graph(weights: Mapping[str, np.ndarray], shape: GraphShape, quant: Qua
 
 def _model(g: GraphWriter, shape: GraphShape) -> onnx.ModelProto:
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
-    kv = TensorProto.FLOAT16 if g.quant.compute_dtype == np.float16 else f32
+    kv = TensorProto.FLOAT16 if g.quant.compute_dtype == np.float16 else TensorProto.INT8 if g.quant.kv_cache == "int8" else f32
     cache = ["batch_size", shape.n_head, "max_sequence_length", shape.head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),

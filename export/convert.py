@@ -48,6 +48,8 @@ def export_model(source: str, out_dir: str | Path, *, quant: QuantConfig | None 
         raise Gpt2OnnxError(f"unknown graph {graph!r}; choose one of {', '.join(GRAPHS)}")
     if graph == "reference" and quant.precision != "fp32":
         raise Gpt2OnnxError("the reference graph is fp32 only; quantized precisions use --graph fast")
+    if graph == "reference" and quant.kv_cache != "float32":
+        raise Gpt2OnnxError("the reference graph keeps a float32 KV cache; --kv-cache int8 needs --graph fast")
     if eval_text is not None and not Path(eval_text).is_file():
         raise Gpt2OnnxError(f"--eval-text {eval_text} is not a readable file")
     check_destination(source, out_dir, force)
@@ -87,22 +89,25 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
                 with_attention: bool = False) -> Manifest:
     from gpt2_onnx.engine import Engine
 
+    from .kv_cache import calibrate_kv_scales
     from .load import load_checkpoint
     from .manifest import check_io, finish
     from .parity import measure_parity
     from .quality import evaluation_windows, measure_quality
     from .to_onnx import export_fast_graph, export_reference_graph
 
-    measure = quant.precision != "fp32" and evaluation[1] != 0
+    measure = (quant.precision != "fp32" or quant.kv_cache != "float32") and evaluation[1] != 0
     with_batched = graph == "fast" and wants_batched_graph(quant)
     stages = _Stages(log, total=4 + measure + with_attention + with_batched)
     with stages("load", source):
         checkpoint = load_checkpoint(source)
         quant = quant.for_width(checkpoint.model.config.n_embd)
-    max_weight_error = 0.0
+    max_weight_error, kv_scales = 0.0, None
     if graph == "fast":
         with stages("to-onnx", f"op-by-op fast graph, {describe(quant)}"):
-            _, max_weight_error = export_fast_graph(checkpoint.model, work, quant)
+            if quant.kv_cache == "int8":
+                kv_scales = calibrate_kv_scales(checkpoint.model, checkpoint.tokenizer)
+            _, max_weight_error = export_fast_graph(checkpoint.model, work, quant, kv_scales)
     else:
         with stages("to-onnx", "Optimum text-generation-with-past"):
             export_reference_graph(checkpoint.model, work)
@@ -113,13 +118,15 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
             write_attention_graph(checkpoint.model, work)
     checkpoint.model.config.save_pretrained(work)
     checkpoint.tokenizer.save_pretrained(work)
-    manifest = Manifest.for_graph(graph, quant.precision, checkpoint.model.config.to_dict(), source=source,
+    manifest = Manifest.for_graph(graph, quant.precision, checkpoint.model.config.to_dict(), quant.kv_cache,
+                                  source=source,
                                   source_kind=checkpoint.kind,
                                   quantization={**asdict(quant), "head_shortlist": quant.shortlist,
                                                 "max_weight_error": max_weight_error})
     if with_batched:
         with stages("batched", "int8 graph for prompts and wide batches, then timed against the main graph"):
-            manifest = replace(manifest, batched=add_batched_graph(checkpoint.model, work, quant, manifest, log))
+            manifest = replace(manifest, batched=add_batched_graph(checkpoint.model, work, quant, manifest, log,
+                                                                   kv_scales))
     batched = manifest.batched
     with stages("check", "onnx.checker, then parity with PyTorch"):
         for folder in [work] + ([work / BATCHED_FOLDER] if batched else []):
@@ -150,9 +157,11 @@ def _run_stages(source: str, work: Path, quant: QuantConfig, graph: str, evaluat
 
 def describe(quant: QuantConfig) -> str:
     if quant.precision == "int4":
-        return (f"int4 blocks of {quant.block_size}, {'symmetric' if quant.symmetric else 'asymmetric'}, "
+        text = (f"int4 blocks of {quant.block_size}, {'symmetric' if quant.symmetric else 'asymmetric'}, "
                 f"LM head {quant.head_bits or 32}-bit")
-    return quant.precision
+    else:
+        text = quant.precision
+    return text + (", int8 KV cache" if quant.kv_cache == "int8" else "")
 
 
 def _check_graph(model_path: Path) -> None:

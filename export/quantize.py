@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_onnx.engine.manifest import INT8_KERNELS, PRECISIONS
+from gpt2_onnx.engine.manifest import INT8_KERNELS, KV_CACHES, PRECISIONS
 from gpt2_onnx.errors import Gpt2OnnxError
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -64,6 +64,8 @@ class QuantConfig:
     head_shortlist: int = 32
     # MatMulNBits blocks: also write the int8 graph that runs prefills and wide batches faster (batched.py)
     batched_graph: bool = True
+    # the KV cache: float32, or int8 with per-channel scales calibrated on text (kv_cache.py)
+    kv_cache: str = "float32"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -79,6 +81,10 @@ class QuantConfig:
             raise Gpt2OnnxError(f"head_shortlist must be 0 (off) to {MAX_SHORTLIST}, not {self.head_shortlist}")
         if self.lm_head_bits not in (None, 4, 8, 32):
             raise Gpt2OnnxError("lm_head_bits must be 4, 8 or 32 (fp32)")
+        if self.kv_cache not in KV_CACHES:
+            raise Gpt2OnnxError(f"unknown KV cache {self.kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+        if self.kv_cache != "float32" and self.precision == "fp16":
+            raise Gpt2OnnxError("fp16 graphs keep an fp16 KV cache; --kv-cache int8 is for fp32, int8 and int4")
 
     @classmethod
     def fp32(cls) -> QuantConfig:

@@ -107,9 +107,9 @@ def numpy_weights(model) -> dict[str, np.ndarray]:
             for name, tensor in model.state_dict().items() if not name.endswith(".attn.bias")}
 
 
-def export_fast_graph(model, work_dir: Path, quant) -> tuple[Path, float]:
-    """Write the op-by-op fast graph (see builder.py) at `quant`'s precision; returns its path and the
-    quantizer's max weight error.
+def export_fast_graph(model, work_dir: Path, quant, kv_scales: dict[str, np.ndarray] | None = None) -> tuple[Path, float]:
+    """Write the op-by-op fast graph (see builder.py) at `quant`'s precision, an int8 KV cache with
+    `kv_scales` (kv_cache.py); returns its path and the quantizer's max weight error.
 
     Initializers stream into `model.onnx.data` layer by layer (external_data.py): besides the torch
     model, memory holds one layer's temporaries. A model that ends up under protobuf's limit is then
@@ -118,7 +118,7 @@ def export_fast_graph(model, work_dir: Path, quant) -> tuple[Path, float]:
     from .builder import GraphShape, build_graph
     from .external_data import ExternalDataWriter, save_embedded
 
-    weights = numpy_weights(model)
+    weights = numpy_weights(model) | (kv_scales or {})
     with ExternalDataWriter(work_dir) as data:
         graph, max_error = build_graph(weights, GraphShape.from_config(model.config), quant, store=data.tensor,
                                        progress=True)

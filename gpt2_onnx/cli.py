@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from gpt2_onnx.engine.config import GenerationConfig, user_options
-from gpt2_onnx.engine.manifest import GRAPHS, INT8_KERNELS, PRECISIONS
+from gpt2_onnx.engine.manifest import GRAPHS, INT8_KERNELS, KV_CACHES, PRECISIONS
 from gpt2_onnx.engine.session import PROVIDERS
 from gpt2_onnx.errors import Gpt2OnnxError
 from gpt2_onnx.serve.config import ServerConfig  # fastapi-free: --help works on any install
@@ -86,6 +86,10 @@ def add_export(sub) -> None:
     q.add_argument("--batched-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="int4: also write an int8 graph for prompts and wide batches, used from the token count "
                         "at which it measured faster (costs the int8 weights' size on disk and in memory)")
+    q.add_argument("--kv-cache", choices=KV_CACHES, default="float32",
+                   help="int8: the KV cache in int8 with per-channel scales calibrated on the shipped prose, a quarter "
+                        "of its memory and of what wide decode steps read (faster batches and long contexts; prompts "
+                        "~2x slower in attention, see README) (default: float32)")
     q.add_argument("--eval-text", default=None,
                    help="text file for the quality measurement (default: the prose shipped with gpt2-onnx)")
     q.add_argument("--skip-quality", action="store_true", help="do not measure quality against PyTorch")
@@ -101,12 +105,13 @@ def quant_config(args):
     elif args.precision == "int8":
         defaults = QuantConfig.int8(block_size=args.block_size, kernel=args.int8_kernel)
     else:
-        return QuantConfig.fp16() if args.precision == "fp16" else QuantConfig.fp32()
+        return QuantConfig(args.precision, kv_cache=args.kv_cache)
     symmetric = defaults.symmetric if args.asymmetric is None else not args.asymmetric
     return QuantConfig(args.precision, block_size=args.block_size, symmetric=symmetric,
                        lm_head_bits=args.lm_head_bits or defaults.lm_head_bits, batched_graph=args.batched_graph,
                        int8_kernel=defaults.int8_kernel,
-                       head_shortlist=defaults.head_shortlist if args.head_shortlist is None else args.head_shortlist)
+                       head_shortlist=defaults.head_shortlist if args.head_shortlist is None else args.head_shortlist,
+                       kv_cache=args.kv_cache)
 
 
 def run_export(args) -> None:
