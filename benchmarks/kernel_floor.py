@@ -30,6 +30,8 @@ import numpy as np
 WEIGHT_PRODUCTS = ("MatMulNBits", "DynamicQuantizeMatMul", "MatMul", "Gemm")
 HEAD_WIDTH = 8  # the narrow twin's head size
 BLOCK = 32  # its width must be a multiple of the smallest quantization block
+PROMPT = 32  # positions before the timed decode steps
+WARMUP = 5  # untimed calls before each round's timed ones
 
 
 def one_row_products(model):
@@ -95,18 +97,24 @@ def products_timer(model_dir: Path, threads: int) -> Callable[[], None]:
     return lambda: session.run(None, feeds)
 
 
-def step_timer(model_dir: Path, threads: int, steps: int) -> Callable[[], None]:
-    """The engine's one-row decode step on `model_dir` after a 32-token prompt, good for `steps` calls."""
+def step_timer(model_dir: Path, threads: int, steps: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(start, step): a one-row decode step of the engine on `model_dir`, and a start that sets its row back to
+    a 32-token prompt, so every round times `steps` steps at the same contexts (as the suite's per-token figure:
+    32 positions on)."""
     from gpt2_onnx.engine import Engine
 
     decoder = Engine(model_dir, threads=threads).batched_from(None).new_decoder()
-    decoder.allocate(1, 32 + steps)
-    decoder.add(list(range(32)))
+    decoder.allocate(1, PROMPT + steps)
     tokens = np.zeros(1, np.int64)
-    return lambda: decoder.decode(tokens)
+
+    def start() -> None:
+        if decoder.rows:
+            decoder.remove(0)
+        decoder.add(list(range(PROMPT)))
+    return start, lambda: decoder.decode(tokens)
 
 
-def median_ms(call: Callable[[], None], runs: int, warmup: int = 5) -> float:
+def median_ms(call: Callable[[], None], runs: int, warmup: int = WARMUP) -> float:
     for _ in range(warmup):
         call()
     times = []
@@ -140,7 +148,7 @@ def kernel_floors(folders: dict[str, Path], config: dict, threads: int, rounds: 
 
     from .measure import SETTLE_S, spread
 
-    timers: dict[tuple[str, str], Callable[[], None]] = {}
+    timers: dict[tuple[str, str], tuple[Callable[[], None], Callable[[], None]]] = {}  # (start, call)
     with tempfile.TemporaryDirectory() as tmp:  # every session holds its weights once built
         checkpoint = Path(tmp) / "narrow"
         torch.manual_seed(0)
@@ -150,14 +158,16 @@ def kernel_floors(folders: dict[str, Path], config: dict, threads: int, rounds: 
             quant = replace(getattr(QuantConfig, name.removeprefix("engine-"))(), batched_graph=False)
             narrow = export_model(str(checkpoint), Path(tmp) / name, quant=quant, eval_windows=0,
                                   log=lambda _: None).out_dir
-            timers[name, "products"] = products_timer(folder, threads)
-            timers[name, "narrow_step"] = step_timer(narrow, threads, (rounds + 1) * (runs + 5))
-            timers[name, "narrow_products"] = products_timer(narrow, threads)
+            timers[name, "products"] = (lambda: None, products_timer(folder, threads))
+            timers[name, "narrow_step"] = step_timer(narrow, threads, runs + WARMUP)
+            timers[name, "narrow_products"] = (lambda: None, products_timer(narrow, threads))
     times: dict[tuple[str, str], list[float]] = {key: [] for key in timers}
     for round_ in range(rounds):  # alternating, as the suite times the systems themselves
         for key in list(timers) if round_ % 2 == 0 else list(timers)[::-1]:
+            start, call = timers[key]
+            start()
             time.sleep(SETTLE_S)  # the previous session's pool stops spinning
-            times[key].append(median_ms(timers[key], runs))
+            times[key].append(median_ms(call, runs))
     floors = {}
     for name in folders:
         products = np.array(times[name, "products"])
