@@ -10,8 +10,9 @@ but stream its weights. Two measurements say where onnxruntime's kernels themsel
 - overhead: the export's narrow twin, same layers, heads, vocabulary and recipe but heads of 8 (gpt2: n_embd
   96), whose step keeps every node of the real graph: its step time less its own products is what dispatch,
   threading, attention and the small ops cost a step.
-Their sum, `kernel_floor:SYSTEM`, is the step this graph could reach with these kernels;
-per_token / kernel_floor is what is left above them.
+Their sum, `kernel_floor:SYSTEM`, is the step this graph could reach with these kernels. The engine's own
+one-row step is timed in the same alternating rounds (`step:SYSTEM`): step / kernel_floor is what is left
+above the kernels, both measured within seconds of each other on a machine whose speed drifts by minutes.
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ def narrow_shape(config: dict) -> dict:
 
 def kernel_floors(folders: dict[str, Path], config: dict, threads: int, rounds: int = 5,
                   runs: int = 100) -> dict[str, dict]:
-    """{system: {products_ms, overhead_ms, kernel_floor_ms}, each median (min-max) over `rounds` alternating
-    rounds of `runs` calls} for engine systems named engine-PRECISION. The narrow twins use each precision's
+    """{system: {step_ms, products_ms, overhead_ms, kernel_floor_ms}, each median (min-max) over `rounds`
+    alternating rounds of `runs` calls} for engine systems named engine-PRECISION; step_ms is the engine's own
+    one-row step in the same rounds, so it and the floor share the machine's moment. The narrow twins use each precision's
     default recipe without the batched graph, which one-row steps never run."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -158,6 +160,7 @@ def kernel_floors(folders: dict[str, Path], config: dict, threads: int, rounds: 
             quant = replace(getattr(QuantConfig, name.removeprefix("engine-"))(), batched_graph=False)
             narrow = export_model(str(checkpoint), Path(tmp) / name, quant=quant, eval_windows=0,
                                   log=lambda _: None).out_dir
+            timers[name, "step"] = step_timer(folder, threads, runs + WARMUP)  # the engine's own, same rounds
             timers[name, "products"] = (lambda: None, products_timer(folder, threads))
             timers[name, "narrow_step"] = step_timer(narrow, threads, runs + WARMUP)
             timers[name, "narrow_products"] = (lambda: None, products_timer(narrow, threads))
@@ -172,8 +175,8 @@ def kernel_floors(folders: dict[str, Path], config: dict, threads: int, rounds: 
     for name in folders:
         products = np.array(times[name, "products"])
         overhead = np.maximum(0.0, np.array(times[name, "narrow_step"]) - np.array(times[name, "narrow_products"]))
-        floors[name] = {"products_ms": spread(products), "overhead_ms": spread(overhead),
-                        "kernel_floor_ms": spread(products + overhead)}
+        floors[name] = {"step_ms": spread(np.array(times[name, "step"])), "products_ms": spread(products),
+                        "overhead_ms": spread(overhead), "kernel_floor_ms": spread(products + overhead)}
     return floors
 
 

@@ -23,8 +23,9 @@ CHECK = re.compile(r"^\s*(?P<lhs>[^<>=]+?)\s*(?P<op><=|>=)\s*(?P<value>[0-9.eE+-
 def metric(results: dict, term: str) -> float | None:
     """`per_token[@L]`, `prefill[@L]`, `throughput@B`, `cold_start`, `peak_rss`, `rss_growth`, `kv_buffer` of a system,
     written `METRIC:SYSTEM`; `floor`: the system's weights per token over the bandwidth measured in the same run
-    (ms: the per-token time if streaming weights were all it did); `products`, `overhead`, `kernel_floor` (ms):
-    an engine's one-row weight products alone, its graph's fixed step cost, and their sum (kernel_floor.py);
+    (ms: the per-token time if streaming weights were all it did); `step`, `products`, `overhead`, `kernel_floor`
+    (ms): an engine's one-row step, its weight products alone, its graph's fixed step cost, and the sum of the
+    last two, timed in the same alternating rounds (kernel_floor.py);
     `serving@C`: the served system's tokens/s at C concurrent clients; `direct@C`: that system's own tokens/s,
     prompts included, on the same work (C rows) without HTTP or the scheduler. None where not measured."""
     name, _, system = term.partition(":")
@@ -33,7 +34,7 @@ def metric(results: dict, term: str) -> float | None:
         weight_mb = results.get("systems", {}).get(system, {}).get("weight_mb_per_token")
         bandwidth = results.get("machine", {}).get("memory_read_gb_per_s")
         return weight_mb / bandwidth if weight_mb and bandwidth else None  # MB / (GB/s) = ms
-    if kind in ("products", "overhead", "kernel_floor"):
+    if kind in ("step", "products", "overhead", "kernel_floor"):
         return results.get("kernel_floor", {}).get(system, {}).get(f"{kind}_ms", {}).get("median")
     serving = results.get("serving") or {}
     if kind == "serving":
@@ -157,14 +158,16 @@ def _kernel_floor_table(results: dict) -> list[str]:
     lines = ["## Floors of a one-row decode step (ms; the engine's kernels, measured in this run)", "",
              "Weight floor: the weights a step reads over the bandwidth above. Products: the export's weight products "
              "alone (same ops and weights, one row each). Fixed cost: the same graph with heads of 8, less its own "
-             "products (dispatch, threads, attention, small ops). Kernel floor: products + fixed cost.", "",
-             "| system | ms/token p50 | weight floor | products alone | fixed cost | kernel floor | ms/token / kernel floor |",
-             "|---|---|---|---|---|---|---|"]
+             "products (dispatch, threads, attention, small ops). Kernel floor: products + fixed cost. Step: the "
+             "engine's own one-row decode step, timed in the same alternating rounds as the floors.", "",
+             "| system | ms/token p50 (latency runs) | weight floor | step | products alone | fixed cost | kernel floor "
+             "| step / kernel floor |", "|---|---|---|---|---|---|---|---|"]
     for name, floor in floors.items():
-        per_token, kernel = metric(results, f"per_token:{name}"), floor["kernel_floor_ms"]["median"]
-        lines.append(f"| {name} | {_num(per_token, 2)} | {_num(metric(results, f'floor:{name}'), 2)} | "
+        step, kernel = floor.get("step_ms", {}).get("median"), floor["kernel_floor_ms"]["median"]
+        lines.append(f"| {name} | {_num(metric(results, f'per_token:{name}'), 2)} | "
+                     f"{_num(metric(results, f'floor:{name}'), 2)} | {cell(floor, 'step_ms', digits=2)} | "
                      f"{cell(floor, 'products_ms', digits=2)} | {cell(floor, 'overhead_ms', digits=2)} | "
-                     f"{cell(floor, 'kernel_floor_ms', digits=2)} | {_num(per_token and per_token / kernel, 2)} |")
+                     f"{cell(floor, 'kernel_floor_ms', digits=2)} | {_num(step and step / kernel, 2)} |")
     return lines + [""]
 
 
