@@ -22,8 +22,8 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -115,17 +115,6 @@ def step_timer(model_dir: Path, threads: int, steps: int) -> tuple[Callable[[], 
     return start, lambda: decoder.decode(tokens)
 
 
-def median_ms(call: Callable[[], None], runs: int, warmup: int = WARMUP) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
-
-
 def narrow_shape(config: dict) -> dict:
     """The narrow twin of a GPT-2 config: same layers, heads, vocabulary and context, heads of HEAD_WIDTH (wider
     where the heads times HEAD_WIDTH is no multiple of BLOCK)."""
@@ -140,15 +129,15 @@ def kernel_floors(folders: dict[str, Path], config: dict, threads: int, rounds: 
                   runs: int = 100) -> dict[str, dict]:
     """{system: {step_ms, products_ms, overhead_ms, kernel_floor_ms}, each median (min-max) over `rounds`
     alternating rounds of `runs` calls} for engine systems named engine-PRECISION; step_ms is the engine's own
-    one-row step in the same rounds, so it and the floor share the machine's moment. The narrow twins use each precision's
-    default recipe without the batched graph, which one-row steps never run."""
+    one-row step in the same rounds, so it and the floor share the machine's moment. The narrow twins use each
+    precision's default recipe without the batched graph, which one-row steps never run."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from gpt2_onnx.export import QuantConfig, export_model
     from gpt2_onnx.export.load import gpt2_tokenizer
 
-    from .measure import SETTLE_S, spread
+    from .measure import SETTLE_S, median_ms, spread
 
     timers: dict[tuple[str, str], tuple[Callable[[], None], Callable[[], None]]] = {}  # (start, call)
     with tempfile.TemporaryDirectory() as tmp:  # every session holds its weights once built
@@ -170,7 +159,7 @@ def kernel_floors(folders: dict[str, Path], config: dict, threads: int, rounds: 
             start, call = timers[key]
             start()
             time.sleep(SETTLE_S)  # the previous session's pool stops spinning
-            times[key].append(median_ms(call, runs))
+            times[key].append(median_ms(call, runs, WARMUP))
     floors = {}
     for name in folders:
         products = np.array(times[name, "products"])

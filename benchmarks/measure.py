@@ -73,3 +73,15 @@ def summarize(runs: list[Run], point: Point, weight_bytes: int) -> dict:
 def spread(values: np.ndarray) -> dict:
     """Median, min and max: how the suite reports every repeated figure."""
     return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def median_ms(call: Callable[[], object], runs: int, warmup: int) -> float:
+    """`warmup` untimed calls, then the median of `runs` timed ones, in ms."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)

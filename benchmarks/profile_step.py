@@ -27,6 +27,8 @@ from gpt2_onnx.engine.hugepages import collapse_populated_memory, huge_pages_wan
 from gpt2_onnx.engine.manifest import MODEL_FILE, Manifest
 from gpt2_onnx.engine.session import session_options
 
+from .measure import median_ms
+
 WARMUP = 8  # decode steps before timing
 
 
@@ -71,7 +73,7 @@ def main() -> None:
         decoder.allocate(args.batch, max_length)
         for prompt in prompts:
             decoder.add(prompt)
-    step_ms = median_step_ms(decoder, tokens, args.steps)
+    step_ms = median_ms(lambda: decoder.decode(tokens), args.steps, WARMUP)
     print(json.dumps({"model": str(args.model_dir), "batch": args.batch, "config": args.config,
                       "huge_pages": huge_pages,
                       "prefill_ms": round(min(prefill) * 1e3, 2), "step_ms": round(step_ms, 3),
@@ -85,18 +87,6 @@ def load(model_dir: Path, options: ort.SessionOptions, huge_pages: bool) -> ort.
     if huge_pages:
         collapse_populated_memory()
     return session
-
-
-def median_step_ms(decoder, tokens: np.ndarray, steps: int, warmup: int = WARMUP) -> float:
-    """`warmup` decode steps, then the median of `steps` timed ones, in ms."""
-    for _ in range(warmup):
-        decoder.decode(tokens)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        decoder.decode(tokens)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
 
 
 def report(path: Path, runs: int) -> None:
