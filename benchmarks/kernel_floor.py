@@ -1,171 +1,243 @@
-"""What onnxruntime's kernels allow a one-row decode step, measured in the suite's own run.
+"""What onnxruntime's kernels allow a decode step and a prompt, measured in the suite's own run.
 
     python -m gpt2_onnx.benchmarks.kernel_floor MODEL_DIR [MODEL_DIR ...] [--threads 2] [--rounds 5] [--runs 100]
 
 The weight floor (`floor:SYSTEM`: the weights a step reads / the probe's bandwidth) is a step that did nothing
 but stream its weights. Two measurements say where onnxruntime's kernels themselves stop:
-- products: every weight product a one-row step runs (the layers' blocks and the LM head's product: the same
-  ops, attributes and weights, cut out of the export), each fed one row, in one session with the engine's
-  options and the weights on 2 MB pages: what the kernels take to stream these weights;
-- overhead: the export's narrow twin, same layers, heads, vocabulary and recipe but heads of 8 (gpt2: n_embd
-  96), whose step keeps every node of the real graph: its step time less its own products is what dispatch,
-  threading, attention and the small ops cost a step.
+- products: every weight product the pass runs (the layers' blocks and the LM head's product: the same ops,
+  attributes and weights, cut out of the export), each fed its rows, in one session with the engine's options
+  and the weights on 2 MB pages: what the kernels take to stream these weights;
+- overhead: the same export with every weight product replaced by a stand-in (a mean of its input plus its
+  bias, the product's output shape), run by the engine's decoder on the same KV buffer and positions, less the
+  stand-ins' own time: what dispatch, threading, attention over the real cache, the LayerNorms and the head's
+  top-k and re-scoring cost the pass.
 Their sum, `kernel_floor:SYSTEM`, is the step this graph could reach with these kernels. The engine's own
 one-row step is timed in the same alternating rounds (`step:SYSTEM`): step / kernel_floor is what is left
 above the kernels, both measured within seconds of each other on a machine whose speed drifts by minutes.
+The same three for a 32-token prompt, on the graph the engine runs it with (`prompt`, `prompt_products`,
+`prompt_overhead`, `prompt_kernel_floor`): the prompt's blocks run 32 rows, its LM head one.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 WEIGHT_PRODUCTS = ("MatMulNBits", "DynamicQuantizeMatMul", "MatMul", "Gemm")
-HEAD_WIDTH = 8  # the narrow twin's head size
-BLOCK = 32  # its width must be a multiple of the smallest quantization block
-PROMPT = 32  # positions before the timed decode steps
+BIAS_INPUT = {"MatMulNBits": 5, "DynamicQuantizeMatMul": 4, "Gemm": 2}
+PROMPT = 32  # tokens of the timed prompt, and positions before the timed decode steps
 WARMUP = 5  # untimed calls before each round's timed ones
 
+Timer = tuple[Callable[[], None], Callable[[], None], int]  # (start, call, timed calls per round)
 
-def one_row_products(model):
-    """The weight products of `model` (an onnx.ModelProto) a one-row step runs, as a graph of their own: each
-    product reads input `x{K}` ([1, K], K its input width) and writes its own output. Of an If it takes the
-    then-branch, the shortlisted head's few-rows path (export/lm_head.py)."""
-    from onnx import TensorProto, helper
+
+def is_product(node, initializers: dict) -> bool:
+    """A product of activations by stored weights (attention's products and the shortlist's re-scoring multiply
+    two activations: not these)."""
+    weights = [name for name in node.input[1:] if name]
+    return node.op_type in WEIGHT_PRODUCTS and bool(weights) and set(weights) <= initializers.keys()
+
+
+def weight_products(graph, initializers: dict) -> Iterator:
+    """Every weight product in `graph` and in the then-branches of its If nodes (the shortlisted head's few-rows
+    path, export/lm_head.py), in order."""
+    for node in graph.node:
+        if node.op_type == "If":
+            yield from weight_products(next(a.g for a in node.attribute if a.name == "then_branch"), initializers)
+        if is_product(node, initializers):
+            yield node
+
+
+def _widths(node, initializers: dict) -> tuple[int, int]:
+    """(K, N) of a product: its input and output widths."""
+    if node.op_type == "MatMulNBits":
+        attributes = {a.name: a.i for a in node.attribute}
+        return attributes["K"], attributes["N"]
+    weight = initializers[node.input[1]]
+    transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    return (int(weight.dims[1]), int(weight.dims[0])) if transposed else (int(weight.dims[0]), int(weight.dims[1]))
+
+
+def _stand_in(node, initializers: dict, offsets: dict) -> list:
+    """Two cheap nodes that write the product's output shape from its input: mean(x) + its bias (zeros if none);
+    the [N] offset goes into `offsets` (name -> array)."""
+    from onnx import helper, numpy_helper
+
+    _, n = _widths(node, initializers)
+    index = BIAS_INPUT.get(node.op_type)
+    bias = node.input[index] if index is not None and len(node.input) > index else ""
+    offset = f"{node.name}/stand_in_offset"
+    offsets[offset] = (numpy_helper.to_array(initializers[bias]).reshape(-1) if bias
+                       else np.zeros(n, np.float32))
+    mean = f"{node.name}/stand_in_mean"
+    return [helper.make_node("ReduceMean", [node.input[0]], [mean], name=mean, axes=[-1], keepdims=1),
+            helper.make_node("Add", [mean, offset], [node.output[0]], name=f"{node.name}/stand_in")]
+
+
+def products_graph(model, rows: int = 1, stand_ins: bool = False):
+    """The weight products of `model` (an onnx.ModelProto) as a graph of their own, each reading input
+    `x{R}_{K}` ([R, K]: `rows` rows, but one for the LM head's product, which a step or a prompt runs at its
+    last position only) and writing its own output; with `stand_ins`, each product's stand-in instead (what
+    `hollow` puts in their place)."""
+    from onnx import TensorProto, helper, numpy_helper
 
     initializers = {t.name: t for t in model.graph.initializer}
-    nodes, widths, used = [], set(), set()
-
-    def walk(graph) -> None:
-        for node in graph.node:
-            if node.op_type == "If":
-                walk(next(a.g for a in node.attribute if a.name == "then_branch"))
-            weights = [name for name in node.input[1:] if name]
-            if node.op_type not in WEIGHT_PRODUCTS or not weights or not set(weights) <= initializers.keys():
-                continue  # activations only (attention's products, the shortlist's re-scoring)
-            width = _input_width(node, initializers[node.input[1]])
-            product = helper.make_node(node.op_type, [f"x{width}", *node.input[1:]], [f"y{len(nodes)}"],
-                                       name=f"product{len(nodes)}", domain=node.domain)
-            product.attribute.extend(node.attribute)
+    vocab = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    nodes, outputs, inputs, used, offsets = [], [], set(), set(), {}
+    for node in weight_products(model.graph, initializers):
+        k, n = _widths(node, initializers)
+        x = f"x{1 if n == vocab else rows}_{k}"
+        product = copy.deepcopy(node)
+        product.input[0], product.output[0] = x, f"y{len(outputs)}"
+        inputs.add(x)
+        outputs.append(product.output[0])
+        if stand_ins:
+            nodes += _stand_in(product, initializers, offsets)
+        else:
             nodes.append(product)
-            widths.add(width)
-            used.update(weights)
-    walk(model.graph)
+            used.update(name for name in node.input[1:] if name)
     if not nodes:
         raise ValueError("the graph has no weight products to time")
     graph = helper.make_graph(
-        nodes, "one_row_products",
-        [helper.make_tensor_value_info(f"x{w}", TensorProto.FLOAT, [1, w]) for w in sorted(widths)],
-        [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes],
-        [initializers[name] for name in sorted(used)])
+        nodes, "products",
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [int(d) for d in x[1:].split("_")]) for x in sorted(inputs)],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in outputs],
+        [initializers[name] for name in sorted(used)] + [numpy_helper.from_array(a, n) for n, a in offsets.items()])
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
-def _input_width(node, weight) -> int:
-    if node.op_type == "MatMulNBits":
-        return next(a.i for a in node.attribute if a.name == "K")
-    transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-    return int(weight.dims[1] if transposed else weight.dims[0])
+def hollow(model):
+    """`model` with every weight product, in every branch, replaced by its stand-in, and the weights only those
+    products read dropped: the pass that is left is everything but streaming the products' weights."""
+    from onnx import numpy_helper
+
+    model = copy.deepcopy(model)
+    initializers = {t.name: t for t in model.graph.initializer}
+    offsets: dict[str, np.ndarray] = {}
+    read: set[str] = set()
+
+    def rewrite(graph) -> None:
+        nodes = []
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.g.node:  # an If's branches
+                    rewrite(attribute.g)
+            swapped = _stand_in(node, initializers, offsets) if is_product(node, initializers) else [copy.deepcopy(node)]
+            read.update(name for n in swapped for name in n.input)
+            nodes += swapped
+        del graph.node[:]
+        graph.node.extend(nodes)
+    rewrite(model.graph)
+    kept = [t for t in model.graph.initializer if t.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + [numpy_helper.from_array(a, n) for n, a in offsets.items()])
+    return model
 
 
-def products_timer(model_dir: Path, threads: int) -> Callable[[], None]:
-    """One pass over the export's one-row weight products, as the engine would run them."""
+def _session(model, threads: int, shares_cores: bool):
+    """An onnxruntime session on `model` with the engine's options (`shares_cores` as its main session: where
+    the export has a batched graph, its pool stops spinning at the end of each run), its weights on 2 MB pages
+    as the engine's."""
     import onnx
     import onnxruntime as ort
 
     from gpt2_onnx.engine.hugepages import collapse_populated_memory, huge_pages_wanted
-    from gpt2_onnx.engine.manifest import MODEL_FILE
     from gpt2_onnx.engine.session import session_options
 
-    products = one_row_products(onnx.load(str(Path(model_dir) / MODEL_FILE)))
     with tempfile.TemporaryDirectory() as tmp:  # external data: a product graph may pass protobuf's 2 GB
-        path = Path(tmp) / "products.onnx"
-        onnx.save_model(products, str(path), save_as_external_data=True, location="products.data")
-        del products
-        session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-    if huge_pages_wanted(None):  # as the engine places its weights
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
+        session = ort.InferenceSession(str(path), session_options(threads, shares_cores), providers=["CPUExecutionProvider"])
+    if huge_pages_wanted(None):
         collapse_populated_memory()
+    return session
+
+
+def products_timer(model, threads: int, shares_cores: bool, rows: int = 1, stand_ins: bool = False,
+                   runs: int = 100) -> Timer:
+    """One pass over the products (or their stand-ins) of `model` at `rows` rows, as the engine's session would
+    run them."""
+    session = _session(products_graph(model, rows, stand_ins), threads, shares_cores)
     rng = np.random.default_rng(0)
     feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
-    return lambda: session.run(None, feeds)
+    return (lambda: None), (lambda: session.run(None, feeds)), runs
 
 
-def step_timer(model_dir: Path, threads: int, steps: int) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(start, step): a one-row decode step of the engine on `model_dir`, and a start that sets its row back to
-    a 32-token prompt, so every round times `steps` steps at the same contexts (as the suite's per-token figure:
-    32 positions on)."""
-    from gpt2_onnx.engine import Engine
-
-    decoder = Engine(model_dir, threads=threads).batched_from(None).new_decoder()
+def decoder_timers(decoder, steps: int, prompt_runs: int) -> tuple[Timer, Timer]:
+    """(one-row step, prompt) timers on an engine decoder: every round times `steps` - WARMUP steps from the same
+    32-token prompt (as the suite's per-token figure: 32 positions on), and prompts into an empty decoder."""
+    prompt, tokens = list(range(PROMPT)), np.zeros(1, np.int64)
     decoder.allocate(1, PROMPT + steps)
-    tokens = np.zeros(1, np.int64)
 
-    def start() -> None:
+    def fresh_prompt() -> None:
         if decoder.rows:
             decoder.remove(0)
-        decoder.add(list(range(PROMPT)))
-    return start, lambda: decoder.decode(tokens)
+        decoder.add(prompt)
+    return (fresh_prompt, lambda: decoder.decode(tokens), steps - WARMUP), (lambda: None, fresh_prompt, prompt_runs)
 
 
-def narrow_shape(config: dict) -> dict:
-    """The narrow twin of a GPT-2 config: same layers, heads, vocabulary and context, heads of HEAD_WIDTH (wider
-    where the heads times HEAD_WIDTH is no multiple of BLOCK)."""
-    heads = config.get("n_head", 12)
-    width = heads * HEAD_WIDTH
-    width = math.lcm(width, BLOCK) if width % BLOCK else width
-    return dict(n_layer=config.get("n_layer", 12), n_head=heads, n_embd=width,
-                vocab_size=config.get("vocab_size", 50257), n_positions=config.get("n_positions", 1024))
+def system_timers(folder: Path, threads: int, runs: int) -> dict[str, Timer]:
+    """Every timer of one engine export: its own step and prompt; products and overhead for both."""
+    import onnx
+
+    from gpt2_onnx.engine import Engine
+    from gpt2_onnx.engine.decoders import SharedBufferDecoder
+    from gpt2_onnx.engine.manifest import MODEL_FILE
+
+    engine = Engine(folder, threads=threads)
+    prompt_runs = max(5, runs // 4)
+    timers = {}
+    timers["step"], _ = decoder_timers(engine.batched_from(None).new_decoder(), runs + WARMUP, prompt_runs)
+    _, timers["prompt"] = decoder_timers(engine.new_decoder(), runs + WARMUP, prompt_runs)
+    batched = engine.new_decoder().session_for(PROMPT) is not engine.session
+    graphs = {"": onnx.load(str(folder / MODEL_FILE))}
+    graphs["prompt_"] = onnx.load(str(folder / engine.manifest.batched["folder"] / MODEL_FILE)) if batched else graphs[""]
+    shares_cores = bool(engine.manifest.batched)  # as the engine's main session
+    for kind, model in graphs.items():
+        rows = PROMPT if kind else 1
+        timers[kind + "products"] = products_timer(model, threads, shares_cores, rows,
+                                                   runs=prompt_runs if kind else runs)
+        timers[kind + "stand_ins"] = products_timer(model, threads, shares_cores, rows, stand_ins=True, runs=runs)
+        decoder = SharedBufferDecoder(_session(hollow(model), threads, shares_cores), engine.manifest,
+                                      huge_pages=engine.huge_pages)
+        step, prompt = decoder_timers(decoder, runs + WARMUP, runs)
+        timers[kind + "hollow"] = prompt if kind else step
+    return timers
 
 
-def kernel_floors(folders: dict[str, Path], config: dict, threads: int, rounds: int = 5,
-                  runs: int = 100) -> dict[str, dict]:
-    """{system: {step_ms, products_ms, overhead_ms, kernel_floor_ms}, each median (min-max) over `rounds`
-    alternating rounds of `runs` calls} for engine systems named engine-PRECISION; step_ms is the engine's own
-    one-row step in the same rounds, so it and the floor share the machine's moment. The narrow twins use each
-    precision's default recipe without the batched graph, which one-row steps never run."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from gpt2_onnx.export import QuantConfig, export_model
-    from gpt2_onnx.export.load import gpt2_tokenizer
-
+def kernel_floors(folders: dict[str, Path], threads: int, rounds: int = 5, runs: int = 100) -> dict[str, dict]:
+    """{system: {step_ms, products_ms, overhead_ms, kernel_floor_ms, and the same four for the prompt}}, each
+    median (min-max) over `rounds` alternating rounds of `runs` calls (a quarter of them for the prompt and its
+    products) for engine systems; the engine's own step and prompt are timed in the same rounds, so they and
+    the floors share the machine's moment."""
     from .measure import SETTLE_S, median_ms, spread
 
-    timers: dict[tuple[str, str], tuple[Callable[[], None], Callable[[], None]]] = {}  # (start, call)
-    with tempfile.TemporaryDirectory() as tmp:  # every session holds its weights once built
-        checkpoint = Path(tmp) / "narrow"
-        torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config(**narrow_shape(config))).save_pretrained(checkpoint)
-        gpt2_tokenizer().save_pretrained(checkpoint)
-        for name, folder in folders.items():
-            quant = replace(getattr(QuantConfig, name.removeprefix("engine-"))(), batched_graph=False)
-            narrow = export_model(str(checkpoint), Path(tmp) / name, quant=quant, eval_windows=0,
-                                  log=lambda _: None).out_dir
-            timers[name, "step"] = step_timer(folder, threads, runs + WARMUP)  # the engine's own, same rounds
-            timers[name, "products"] = (lambda: None, products_timer(folder, threads))
-            timers[name, "narrow_step"] = step_timer(narrow, threads, runs + WARMUP)
-            timers[name, "narrow_products"] = (lambda: None, products_timer(narrow, threads))
+    timers = {(name, kind): timer for name, folder in folders.items()
+              for kind, timer in system_timers(folder, threads, runs).items()}
     times: dict[tuple[str, str], list[float]] = {key: [] for key in timers}
     for round_ in range(rounds):  # alternating, as the suite times the systems themselves
         for key in list(timers) if round_ % 2 == 0 else list(timers)[::-1]:
-            start, call = timers[key]
+            start, call, calls = timers[key]
             start()
             time.sleep(SETTLE_S)  # the previous session's pool stops spinning
-            times[key].append(median_ms(call, runs, WARMUP))
+            times[key].append(median_ms(call, calls, WARMUP))
     floors = {}
     for name in folders:
-        products = np.array(times[name, "products"])
-        overhead = np.maximum(0.0, np.array(times[name, "narrow_step"]) - np.array(times[name, "narrow_products"]))
-        floors[name] = {"step_ms": spread(np.array(times[name, "step"])), "products_ms": spread(products),
-                        "overhead_ms": spread(overhead), "kernel_floor_ms": spread(products + overhead)}
+        floor = {}
+        for kind in ("", "prompt_"):
+            products = np.array(times[name, kind + "products"])
+            overhead = np.maximum(0.0, np.array(times[name, kind + "hollow"]) - np.array(times[name, kind + "stand_ins"]))
+            floor |= {f"{kind or 'step_'}ms": spread(np.array(times[name, kind.rstrip("_") or "step"])),
+                      f"{kind}products_ms": spread(products), f"{kind}overhead_ms": spread(overhead),
+                      f"{kind}kernel_floor_ms": spread(products + overhead)}
+        floors[name] = floor
     return floors
 
 
@@ -178,10 +250,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=100, help="calls per round (median)")
     args = parser.parse_args()
-    manifests = [Manifest.read(folder) for folder in args.model_dirs]
-    config = json.loads((args.model_dirs[0] / "config.json").read_text())
-    folders = {f"engine-{m.precision}": folder for m, folder in zip(manifests, args.model_dirs)}
-    for name, floor in kernel_floors(folders, config, args.threads, args.rounds, args.runs).items():
+    folders = {f"engine-{Manifest.read(folder).precision}": folder for folder in args.model_dirs}
+    for name, floor in kernel_floors(folders, args.threads, args.rounds, args.runs).items():
         print(json.dumps({"system": name, "folder": str(folders[name]), "threads": args.threads, **floor}))
 
 

@@ -25,7 +25,8 @@ def metric(results: dict, term: str) -> float | None:
     written `METRIC:SYSTEM`; `floor`: the system's weights per token over the bandwidth measured in the same run
     (ms: the per-token time if streaming weights were all it did); `step`, `products`, `overhead`, `kernel_floor`
     (ms): an engine's one-row step, its weight products alone, its graph's fixed step cost, and the sum of the
-    last two, timed in the same alternating rounds (kernel_floor.py);
+    last two, timed in the same alternating rounds (kernel_floor.py); `prompt`, `prompt_products`,
+    `prompt_overhead`, `prompt_kernel_floor`: the same for a 32-token prompt;
     `serving@C`: the served system's tokens/s at C concurrent clients; `direct@C`: that system's own tokens/s,
     prompts included, on the same work (C rows) without HTTP or the scheduler. None where not measured."""
     name, _, system = term.partition(":")
@@ -34,7 +35,7 @@ def metric(results: dict, term: str) -> float | None:
         weight_mb = results.get("systems", {}).get(system, {}).get("weight_mb_per_token")
         bandwidth = results.get("machine", {}).get("memory_read_gb_per_s")
         return weight_mb / bandwidth if weight_mb and bandwidth else None  # MB / (GB/s) = ms
-    if kind in ("step", "products", "overhead", "kernel_floor"):
+    if kind.removeprefix("prompt_") in ("step", "prompt", "products", "overhead", "kernel_floor"):
         return results.get("kernel_floor", {}).get(system, {}).get(f"{kind}_ms", {}).get("median")
     serving = results.get("serving") or {}
     if kind == "serving":
@@ -155,20 +156,29 @@ def _kernel_floor_table(results: dict) -> list[str]:
     floors = results.get("kernel_floor")
     if not floors:
         return []
-    lines = ["## Floors of a one-row decode step (ms; the engine's kernels, measured in this run)", "",
-             "Weight floor: the weights a step reads over the bandwidth above. Products: the export's weight products "
-             "alone (same ops and weights, one row each). Fixed cost: the same graph with heads of 8, less its own "
-             "products (dispatch, threads, attention, small ops). Kernel floor: products + fixed cost. Step: the "
-             "engine's own one-row decode step, timed in the same alternating rounds as the floors.", "",
+    lines = ["## Floors of a one-row decode step and of a 32-token prompt (ms; the engine's kernels, measured in this run)",
+             "", "Weight floor: the weights a step reads over the bandwidth above. Products: the export's weight "
+             "products alone (same ops and weights; one row each for a step; for a prompt 32 rows, the LM head one). "
+             "Fixed cost: the same graph with every weight product replaced by a stand-in of its output's shape, run "
+             "by the engine's decoder on the same cache and positions, less the stand-ins' own time (dispatch, "
+             "threads, attention, small ops). Kernel floor: products + fixed cost. Step and prompt: the engine's own, "
+             "timed in the same alternating rounds as the floors.", "",
              "| system | ms/token p50 (latency runs) | weight floor | step | products alone | fixed cost | kernel floor "
-             "| step / kernel floor |", "|---|---|---|---|---|---|---|---|"]
+             "| step / kernel floor | prompt | its products | its fixed cost | its kernel floor | prompt / kernel floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, floor in floors.items():
-        step, kernel = floor.get("step_ms", {}).get("median"), floor["kernel_floor_ms"]["median"]
+        cells = [cell(floor, f"{kind}_ms", digits=2) for kind in ("step", "products", "overhead", "kernel_floor")]
+        prompt = [cell(floor, f"prompt{kind}_ms", digits=2) for kind in ("", "_products", "_overhead", "_kernel_floor")]
         lines.append(f"| {name} | {_num(metric(results, f'per_token:{name}'), 2)} | "
-                     f"{_num(metric(results, f'floor:{name}'), 2)} | {cell(floor, 'step_ms', digits=2)} | "
-                     f"{cell(floor, 'products_ms', digits=2)} | {cell(floor, 'overhead_ms', digits=2)} | "
-                     f"{cell(floor, 'kernel_floor_ms', digits=2)} | {_num(step and step / kernel, 2)} |")
+                     f"{_num(metric(results, f'floor:{name}'), 2)} | {' | '.join(cells)} | "
+                     f"{_num(_over(floor, 'step', 'kernel_floor'), 2)} | {' | '.join(prompt)} | "
+                     f"{_num(_over(floor, 'prompt', 'prompt_kernel_floor'), 2)} |")
     return lines + [""]
+
+
+def _over(floor: dict, top: str, bottom: str) -> float | None:
+    numerator, denominator = (floor.get(f"{k}_ms", {}).get("median") for k in (top, bottom))
+    return numerator / denominator if numerator and denominator else None
 
 
 def _serving_table(results: dict) -> list[str]:

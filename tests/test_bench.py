@@ -48,9 +48,10 @@ def test_quick_suite_writes_json_markdown_and_plots(bench_run):
     assert direct["point"] == {"batch": 4, "prompt": 32, "new_tokens": 16} and direct["end_to_end_tokens_per_s"]["median"] > 0
     for name in ("engine-fp32", "engine-int8"):
         floor = results["kernel_floor"][name]
-        for key in ("step_ms", "products_ms", "overhead_ms", "kernel_floor_ms"):
-            assert 0 <= floor[key]["min"] <= floor[key]["median"] <= floor[key]["max"]
-        assert floor["products_ms"]["min"] > 0 and floor["step_ms"]["min"] > 0
+        for key in ("step", "products", "overhead", "kernel_floor"):
+            for kind in (key, f"prompt_{key}" if key != "step" else "prompt"):
+                assert 0 <= floor[f"{kind}_ms"]["min"] <= floor[f"{kind}_ms"]["median"] <= floor[f"{kind}_ms"]["max"]
+        assert min(floor[f"{kind}_ms"]["min"] for kind in ("products", "step", "prompt_products", "prompt")) > 0
     assert [c["holds"] for c in results["checks"]] == [True, False]
     markdown = (out / "results.md").read_text()
     for heading in ("## Latency", "## Throughput", "## Floors", "## Serving", "## Size and memory", "## Parity",
@@ -100,6 +101,9 @@ def test_floor_and_serving_terms():
     assert evaluate(results, "products:a<=4")["holds"] and evaluate(results, "overhead:a<=1")["holds"] is None
     results["kernel_floor"]["a"]["step_ms"] = {"median": 5.4}
     assert evaluate(results, "step:a/kernel_floor:a<=1.25")["value"] == pytest.approx(1.2)
+    results["kernel_floor"]["a"] |= {"prompt_ms": {"median": 16.0}, "prompt_kernel_floor_ms": {"median": 14.0}}
+    assert evaluate(results, "prompt_kernel_floor:a/prompt:a<=1")["value"] == pytest.approx(14.0 / 16.0)
+    assert evaluate(results, "prompt:a>=10")["holds"] and evaluate(results, "prompt_overhead:a<=1")["holds"] is None
     assert evaluate(results, "serving@32:a/direct@32:a>=0.9")["value"] == 0.8
     assert evaluate(results, "direct@8:a>=1")["holds"] is None  # measured at 32 rows only
 

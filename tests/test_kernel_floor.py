@@ -1,4 +1,5 @@
-"""The kernel floor's product graph: the export's one-row weight products, cut out with their weights whole."""
+"""The kernel floor's graphs: the export's weight products cut out with their weights whole, their stand-ins,
+and the export with every product replaced by its stand-in (the fixed cost of a pass)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from gpt2_onnx.benchmarks.kernel_floor import narrow_shape, one_row_products
+from gpt2_onnx.benchmarks.kernel_floor import hollow, is_product, products_graph
 from gpt2_onnx.benchmarks.systems import onnx_weight_bytes
 
 from .conftest import TINY
@@ -21,12 +22,12 @@ def run(products: onnx.ModelProto, seed: int = 0) -> tuple[dict, list[np.ndarray
 
 
 def test_fp32_products_compute_what_the_checkpoint_does(tiny_export, tiny_torch_model):
-    products = one_row_products(onnx.load(tiny_export / "model.onnx"))
+    products = products_graph(onnx.load(tiny_export / "model.onnx"))
     width, layers = TINY["n_embd"], TINY["n_layer"]
     assert len(products.graph.node) == 4 * layers + 1  # qkv, attention out, fc, proj in each layer, then the head
-    assert sorted(i.name for i in products.graph.input) == [f"x{4 * width}", f"x{width}"]
+    assert sorted(i.name for i in products.graph.input) == [f"x1_{4 * width}", f"x1_{width}"]
     feeds, outputs = run(products)
-    x = feeds[f"x{width}"]
+    x = feeds[f"x1_{width}"]
     wte = tiny_torch_model.transformer.wte.weight.detach().numpy()
     np.testing.assert_allclose(outputs[-1], x @ wte.T, rtol=1e-4, atol=1e-4)  # the tied head, weights intact
     attn = tiny_torch_model.transformer.h[0].attn.c_attn
@@ -35,26 +36,81 @@ def test_fp32_products_compute_what_the_checkpoint_does(tiny_export, tiny_torch_
     assert np.allclose(outputs[0], first, atol=1e-4) or np.allclose(outputs[0], first + bias, atol=1e-4)
 
 
+def test_a_prompts_products_run_its_rows_but_the_head_one(tiny_export):
+    products = products_graph(onnx.load(tiny_export / "model.onnx"), rows=32)
+    width = TINY["n_embd"]
+    assert sorted(i.name for i in products.graph.input) == [f"x1_{width}", f"x32_{4 * width}", f"x32_{width}"]
+    _, outputs = run(products)
+    assert outputs[0].shape[0] == 32 and outputs[-1].shape == (1, 50257)
+
+
 @pytest.fixture(scope="module")
-def int8_model(tiny_checkpoint, tmp_path_factory) -> onnx.ModelProto:
+def int8_export(tiny_checkpoint, tmp_path_factory):
     from gpt2_onnx.export import QuantConfig, export_model
 
     out = tmp_path_factory.mktemp("kernel-floor") / "int8"
     export_model(str(tiny_checkpoint), out, quant=QuantConfig.int8(), eval_windows=0, log=lambda _: None)
-    return out / "model.onnx"
+    return out
 
 
-def test_a_shortlisted_head_times_its_one_row_path(int8_model):
-    products = one_row_products(onnx.load(int8_model))
+def test_a_shortlisted_head_times_its_one_row_path(int8_export):
+    model = int8_export / "model.onnx"
+    products = products_graph(onnx.load(model))
     attributes = [{a.name: a.i for a in node.attribute} for node in products.graph.node]
     heads = [a for a in attributes if a["N"] == 50257]
     assert [h["bits"] for h in heads] == [4]  # the shortlist's 4-bit scoring, not the wide passes' 8-bit head
     assert len(products.graph.node) == 4 * TINY["n_layer"] + 1
     weights = sum(len(t.raw_data) for t in products.graph.initializer)
     # the products read (nearly) all a one-row step streams: all but the LayerNorms' few parameters
-    assert 0.95 * onnx_weight_bytes(int8_model) <= weights <= onnx_weight_bytes(int8_model)
+    assert 0.95 * onnx_weight_bytes(model) <= weights <= onnx_weight_bytes(model)
     _, outputs = run(products)
     assert all(np.isfinite(o).all() for o in outputs)
+
+
+def test_stand_ins_write_the_mean_of_the_input_plus_the_bias(int8_export):
+    model = onnx.load(int8_export / "model.onnx")
+    stand_ins = products_graph(model, rows=3, stand_ins=True)
+    assert {n.op_type for n in stand_ins.graph.node} == {"ReduceMean", "Add"}
+    feeds, outputs = run(stand_ins)
+    first = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    bias = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == first.input[5]))
+    x = feeds[f"x3_{TINY['n_embd']}"]
+    np.testing.assert_allclose(outputs[0], x.mean(axis=-1, keepdims=True) + bias, rtol=1e-5, atol=1e-5)
+    assert outputs[-1].shape == (1, 50257)
+
+
+@pytest.mark.parametrize("graph", ["model.onnx", "batched/model.onnx"])
+def test_the_hollow_graph_keeps_every_node_but_the_products_and_runs_in_the_decoder(int8_export, graph):
+    from gpt2_onnx.engine.decoders import SharedBufferDecoder
+    from gpt2_onnx.engine.manifest import Manifest
+
+    model = onnx.load(int8_export / graph)
+    empty = hollow(model)
+    initializers = {t.name: t for t in empty.graph.initializer}
+
+    def nodes(g) -> list:
+        found = []
+        for node in g.node:
+            found.append(node)
+            for attribute in node.attribute:
+                found += nodes(attribute.g) if attribute.g.node else []
+        return found
+    before, after = nodes(model.graph), nodes(empty.graph)
+    products = [n for n in before if is_product(n, {t.name: t for t in model.graph.initializer})]
+    assert products and not any(is_product(n, initializers) for n in after)
+    assert len(after) == len(before) + len(products)  # each product became two nodes; nothing else changed
+    assert sorted(n.op_type for n in after if "stand_in" not in n.name) == \
+        sorted(n.op_type for n in before if n not in products)
+    read_elsewhere = {name for n in before if n not in products for name in n.input}
+    only_products = {name for n in products for name in n.input[1:] if name and name not in read_elsewhere}
+    assert only_products and not only_products & initializers.keys()  # the weights only products read are gone
+
+    session = ort.InferenceSession(empty.SerializeToString(), providers=["CPUExecutionProvider"])
+    decoder = SharedBufferDecoder(session, Manifest.read(int8_export))
+    decoder.allocate(1, 40)
+    assert decoder.add(list(range(32))).shape == (1, 50257)
+    logits = decoder.decode(np.zeros(1, np.int64))
+    assert logits.shape == (1, 50257) and np.isfinite(logits).all()
 
 
 def test_a_graph_without_weight_products_is_refused():
@@ -64,12 +120,4 @@ def test_a_graph_without_weight_products_is_refused():
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     with pytest.raises(ValueError, match="no weight products"):
-        one_row_products(helper.make_model(graph))
-
-
-@pytest.mark.parametrize("config, width", [({}, 96), ({"n_head": 16, "n_layer": 24}, 128),
-                                           ({"n_head": 20, "n_layer": 36}, 160), ({"n_head": 25}, 800)])
-def test_the_narrow_twin_keeps_layers_heads_and_vocabulary(config, width):
-    shape = narrow_shape(config)
-    assert shape["n_embd"] == width and shape["n_embd"] % shape["n_head"] == 0 and shape["n_embd"] % 32 == 0
-    assert shape["n_layer"] == config.get("n_layer", 12) and shape["vocab_size"] == 50257
+        products_graph(helper.make_model(graph))
