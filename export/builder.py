@@ -15,8 +15,8 @@ fp16 graphs (for CUDA) use the fused SkipLayerNormalization instead (`GraphWrite
 The KV cache is one buffer per layer and kind, [B, H, T_max, D], bound as both `past_key_values.{i}.*`
 and `present.{i}.*`: GroupQueryAttention writes only the new rows (int8 with `--kv-cache int8`, kv_cache.py). `seqlens_k[b]` is the number of tokens
 in row b's cache after this step minus one; `total_sequence_length` the longest row's count. Only the
-positions listed in `logits_positions` (-1: the last) reach the LM head, which reads the (possibly
-quantized) embedding table stored once.
+positions listed in `logits_positions` (-1: the last) go on after the last layer's attention (its output
+projection, MLP and ln_f) to the LM head, which reads the (possibly quantized) embedding table stored once.
 """
 
 from __future__ import annotations
@@ -199,6 +199,12 @@ def build_graph(weights: Mapping[str, np.ndarray], shape: GraphShape, quant: Qua
                                           domain="com.microsoft", num_heads=shape.n_head, kv_num_heads=shape.n_head,
                                           **quantized)
         g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
+        if i == shape.n_layer - 1:
+            # the cache is written: from here on the layer serves only the LM head, so only the positions that
+            # ask for logits go on ([B, S, E] -> [B, N, E]: the last while generating, every one for prompt
+            # log-probabilities). Exact, and a 32-token prompt skips 31/32 of a layer's last three products.
+            attn = g.one("Gather", [attn, "logits_positions"], f"{name}/attn/logits_positions/Gather", axis=1)
+            residual = g.one("Gather", [residual, "logits_positions"], f"{name}/residual/logits_positions/Gather", axis=1)
         h, residual = g.project_into_residual(f"{name}/attn/o_proj", attn, w[f"{p}.attn.c_proj.weight"],
                                               w[f"{p}.attn.c_proj.bias"], residual, w, f"{p}.ln_2",
                                               shape.layer_norm_epsilon)
@@ -210,10 +216,7 @@ def build_graph(weights: Mapping[str, np.ndarray], shape: GraphShape, quant: Qua
         h, residual = g.project_into_residual(f"{name}/mlp/proj", act, w[f"{p}.mlp.c_proj.weight"],
                                               w[f"{p}.mlp.c_proj.bias"], residual, w, next_norm,
                                               shape.layer_norm_epsilon)
-    # [B, S, E] -> [B, N, E]: the LM head runs only where logits are asked for (the last position while
-    # generating; every position when prompt log-probabilities are wanted)
-    picked = g.op("Gather", [h, "logits_positions"], "/model/logits_positions/Gather", axis=1)[0]
-    g.to_residual(lm_head(g.to_compute(picked, "/lm_head")), "/lm_head")  # logits are fp32 for every precision
+    g.to_residual(lm_head(g.to_compute(h, "/lm_head")), "/lm_head")  # h: [B, N, E], the positions asked for  # logits are fp32 for every precision
     g.nodes[-1].output[0] = "logits"  # the last node's output is the graph's
     return _model(g, shape), g.max_weight_error
 
