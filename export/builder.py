@@ -185,6 +185,7 @@ def build_graph(weights: Mapping[str, np.ndarray], shape: GraphShape, quant: Qua
     positions = g.op("Gather", [g.weight("wpe.weight", w["wpe.weight"]), "position_ids"], "/model/embed_positions/Gather")[0]
     h, residual = g.skip_layer_norm("/model/layers.0/input_layernorm", tokens, positions, w, "h.0.ln_1",
                                     shape.layer_norm_epsilon)
+    query_seqlens = _query_seqlens(g) if g.quant.kv_cache == "int8" else ""
     for i in tqdm(range(shape.n_layer), desc="      layers", unit="layer", leave=False, disable=not progress):
         p, name = f"h.{i}", f"/model/layers.{i}"
         qkv = g.linear(f"{name}/attn/qkv_proj", g.to_compute(h, f"{name}/attn"), w[f"{p}.attn.c_attn.weight"],
@@ -194,6 +195,7 @@ def build_graph(weights: Mapping[str, np.ndarray], shape: GraphShape, quant: Qua
         quantized = {}
         if g.quant.kv_cache == "int8":  # inputs 12 and 13: the per-channel scales (kv_cache.py)
             cache += [""] * 5 + [g.weight(f"{name}/attn/{kind}_scale", w[f"{p}.attn.{kind}_scale"]) for kind in "kv"]
+            cache += ["", "", query_seqlens]  # input 16
             quantized = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
         attn, present_k, present_v = g.op("GroupQueryAttention", cache, f"{name}/attn/GroupQueryAttention", n_out=3,
                                           domain="com.microsoft", num_heads=shape.n_head, kv_num_heads=shape.n_head,
@@ -219,6 +221,17 @@ def build_graph(weights: Mapping[str, np.ndarray], shape: GraphShape, quant: Qua
     g.to_residual(lm_head(g.to_compute(h, "/lm_head")), "/lm_head")  # h: [B, N, E], the positions asked for  # logits are fp32 for every precision
     g.nodes[-1].output[0] = "logits"  # the last node's output is the graph's
     return _model(g, shape), g.max_weight_error
+
+
+def _query_seqlens(g: GraphWriter) -> str:
+    """Each row's new tokens in this pass, [B] int32: min(seqlens_k + 1, S), i.e. a prompt's own length in its
+    right-padded row of an empty cache, 1 in a decode step. GroupQueryAttention's quantized-cache kernel then
+    skips the padding: a 32-token int4 prompt with the int8 cache 14.05 against 14.36 ms (fastest of 60,
+    interleaved call by call); no change measured with the float cache, which does without it."""
+    width = g.one("Shape", ["input_ids"], "/model/query_seqlens/Shape", start=1, end=2)
+    width = g.one("Cast", [width], "/model/query_seqlens/Cast", to=TensorProto.INT32)
+    total = g.one("Add", ["seqlens_k", g.weight("query_seqlens.one", np.array(1, np.int32))], "/model/query_seqlens/Add")
+    return g.one("Min", [total, width], "/model/query_seqlens/Min")
 
 
 def _model(g: GraphWriter, shape: GraphShape) -> onnx.ModelProto:
