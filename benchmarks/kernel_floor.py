@@ -81,22 +81,22 @@ def _stand_in(node, initializers: dict, offsets: dict) -> list:
             helper.make_node("Add", [mean, offset], [node.output[0]], name=f"{node.name}/stand_in")]
 
 
-def products_graph(model, rows: int = 1, stand_ins: bool = False):
-    """The weight products of `model` (an onnx.ModelProto) as a graph of their own, each reading input
-    `x{R}_{K}` ([R, K]: `rows` rows, but one for the LM head's product, which a step or a prompt runs at its
-    last position only) and writing its own output; with `stand_ins`, each product's stand-in instead (what
-    `hollow` puts in their place)."""
+def products_graph(model, stand_ins: bool = False):
+    """The weight products of `model` (an onnx.ModelProto) as a graph of their own, each writing its own output
+    and reading input `x{K}` ([rows, K], any number of rows) or, for the LM head's product, `head{K}` ([1, K]:
+    a step or a prompt runs the head at its last position only); with `stand_ins`, each product's stand-in
+    instead (what `hollow` puts in their place)."""
     from onnx import TensorProto, helper, numpy_helper
 
     initializers = {t.name: t for t in model.graph.initializer}
     vocab = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
-    nodes, outputs, inputs, used, offsets = [], [], set(), set(), {}
+    nodes, outputs, inputs, used, offsets = [], [], {}, set(), {}
     for node in weight_products(model.graph, initializers):
         k, n = _widths(node, initializers)
-        x = f"x{1 if n == vocab else rows}_{k}"
+        x = f"head{k}" if n == vocab else f"x{k}"
+        inputs[x] = [1 if n == vocab else "rows", k]
         product = copy.deepcopy(node)
         product.input[0], product.output[0] = x, f"y{len(outputs)}"
-        inputs.add(x)
         outputs.append(product.output[0])
         if stand_ins:
             nodes += _stand_in(product, initializers, offsets)
@@ -107,7 +107,7 @@ def products_graph(model, rows: int = 1, stand_ins: bool = False):
         raise ValueError("the graph has no weight products to time")
     graph = helper.make_graph(
         nodes, "products",
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [int(d) for d in x[1:].split("_")]) for x in sorted(inputs)],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape) for x, shape in sorted(inputs.items())],
         [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in outputs],
         [initializers[name] for name in sorted(used)] + [numpy_helper.from_array(a, n) for n, a in offsets.items()])
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
@@ -115,11 +115,12 @@ def products_graph(model, rows: int = 1, stand_ins: bool = False):
 
 def hollow(model):
     """`model` with every weight product, in every branch, replaced by its stand-in, and the weights only those
-    products read dropped: the pass that is left is everything but streaming the products' weights."""
-    from onnx import numpy_helper
+    products read dropped: the pass that is left is everything but streaming the products' weights. Only the
+    kept weights are copied (a gpt2-large fp32 graph holds 3 GB)."""
+    from onnx import helper, numpy_helper
 
-    model = copy.deepcopy(model)
     initializers = {t.name: t for t in model.graph.initializer}
+    graph = helper.make_graph(model.graph.node, model.graph.name, model.graph.input, model.graph.output)  # copies
     offsets: dict[str, np.ndarray] = {}
     read: set[str] = set()
 
@@ -134,11 +135,10 @@ def hollow(model):
             nodes += swapped
         del graph.node[:]
         graph.node.extend(nodes)
-    rewrite(model.graph)
-    kept = [t for t in model.graph.initializer if t.name in read]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + [numpy_helper.from_array(a, n) for n, a in offsets.items()])
-    return model
+    rewrite(graph)
+    graph.initializer.extend([t for name, t in initializers.items() if name in read] +
+                             [numpy_helper.from_array(a, n) for n, a in offsets.items()])
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
 def _session(model, threads: int, shares_cores: bool):
@@ -160,13 +160,24 @@ def _session(model, threads: int, shares_cores: bool):
     return session
 
 
-def products_timer(model, threads: int, shares_cores: bool, rows: int = 1, stand_ins: bool = False,
-                   runs: int = 100) -> Timer:
-    """One pass over the products (or their stand-ins) of `model` at `rows` rows, as the engine's session would
-    run them."""
-    session = _session(products_graph(model, rows, stand_ins), threads, shares_cores)
+def graph_sessions(path: Path, threads: int, shares_cores: bool) -> tuple:
+    """(products, stand-ins, hollow graph) sessions of the export graph at `path`: the one big copy of its
+    weights (the products') is made after the source graph is let go, so a gpt2-large fp32 floor holds two
+    copies of its 3 GB (the engine's and the products'), never three."""
+    import onnx
+
+    model = onnx.load(str(path))
+    empty, stand_ins = hollow(model), products_graph(model, stand_ins=True)
+    products = products_graph(model)
+    del model
+    return tuple(_session(graph, threads, shares_cores) for graph in (products, stand_ins, empty))
+
+
+def products_timer(session, rows: int, runs: int) -> Timer:
+    """One pass over a products (or stand-ins) session's products at `rows` rows (the LM head's at one)."""
     rng = np.random.default_rng(0)
-    feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
+    feeds = {i.name: rng.standard_normal([rows if d == "rows" else d for d in i.shape]).astype(np.float32)
+             for i in session.get_inputs()}
     return (lambda: None), (lambda: session.run(None, feeds)), runs
 
 
@@ -184,9 +195,8 @@ def decoder_timers(decoder, steps: int, prompt_runs: int) -> tuple[Timer, Timer]
 
 
 def system_timers(folder: Path, threads: int, runs: int) -> dict[str, Timer]:
-    """Every timer of one engine export: its own step and prompt; products and overhead for both."""
-    import onnx
-
+    """Every timer of one engine export: its own step and prompt; products and overhead for both, from one set
+    of sessions per graph file (a prompt runs on the batched graph where the engine would run it there)."""
     from gpt2_onnx.engine import Engine
     from gpt2_onnx.engine.decoders import SharedBufferDecoder
     from gpt2_onnx.engine.manifest import MODEL_FILE
@@ -197,16 +207,16 @@ def system_timers(folder: Path, threads: int, runs: int) -> dict[str, Timer]:
     timers["step"], _ = decoder_timers(engine.batched_from(None).new_decoder(), runs + WARMUP, prompt_runs)
     _, timers["prompt"] = decoder_timers(engine.new_decoder(), runs + WARMUP, prompt_runs)
     batched = engine.new_decoder().session_for(PROMPT) is not engine.session
-    graphs = {"": onnx.load(str(folder / MODEL_FILE))}
-    graphs["prompt_"] = onnx.load(str(folder / engine.manifest.batched["folder"] / MODEL_FILE)) if batched else graphs[""]
+    graphs = {"": folder / MODEL_FILE}
+    graphs["prompt_"] = folder / engine.manifest.batched["folder"] / MODEL_FILE if batched else graphs[""]
     shares_cores = bool(engine.manifest.batched)  # as the engine's main session
-    for kind, model in graphs.items():
+    sessions = {path: graph_sessions(path, threads, shares_cores) for path in set(graphs.values())}
+    for kind, path in graphs.items():
+        products, stand_ins, empty = sessions[path]
         rows = PROMPT if kind else 1
-        timers[kind + "products"] = products_timer(model, threads, shares_cores, rows,
-                                                   runs=prompt_runs if kind else runs)
-        timers[kind + "stand_ins"] = products_timer(model, threads, shares_cores, rows, stand_ins=True, runs=runs)
-        decoder = SharedBufferDecoder(_session(hollow(model), threads, shares_cores), engine.manifest,
-                                      huge_pages=engine.huge_pages)
+        timers[kind + "products"] = products_timer(products, rows, prompt_runs if kind else runs)
+        timers[kind + "stand_ins"] = products_timer(stand_ins, rows, runs)
+        decoder = SharedBufferDecoder(empty, engine.manifest, huge_pages=engine.huge_pages)
         step, prompt = decoder_timers(decoder, runs + WARMUP, runs)
         timers[kind + "hollow"] = prompt if kind else step
     return timers

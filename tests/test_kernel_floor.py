@@ -14,10 +14,11 @@ from gpt2_onnx.benchmarks.systems import onnx_weight_bytes
 from .conftest import TINY
 
 
-def run(products: onnx.ModelProto, seed: int = 0) -> tuple[dict, list[np.ndarray]]:
+def run(products: onnx.ModelProto, rows: int = 1, seed: int = 0) -> tuple[dict, list[np.ndarray]]:
     session = ort.InferenceSession(products.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
-    feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
+    feeds = {i.name: rng.standard_normal([rows if d == "rows" else d for d in i.shape]).astype(np.float32)
+             for i in session.get_inputs()}
     return feeds, session.run(None, feeds)
 
 
@@ -25,11 +26,11 @@ def test_fp32_products_compute_what_the_checkpoint_does(tiny_export, tiny_torch_
     products = products_graph(onnx.load(tiny_export / "model.onnx"))
     width, layers = TINY["n_embd"], TINY["n_layer"]
     assert len(products.graph.node) == 4 * layers + 1  # qkv, attention out, fc, proj in each layer, then the head
-    assert sorted(i.name for i in products.graph.input) == [f"x1_{4 * width}", f"x1_{width}"]
+    assert sorted(i.name for i in products.graph.input) == [f"head{width}", f"x{4 * width}", f"x{width}"]
     feeds, outputs = run(products)
-    x = feeds[f"x1_{width}"]
+    x = feeds[f"x{width}"]
     wte = tiny_torch_model.transformer.wte.weight.detach().numpy()
-    np.testing.assert_allclose(outputs[-1], x @ wte.T, rtol=1e-4, atol=1e-4)  # the tied head, weights intact
+    np.testing.assert_allclose(outputs[-1], feeds[f"head{width}"] @ wte.T, rtol=1e-4, atol=1e-4)  # the tied head
     attn = tiny_torch_model.transformer.h[0].attn.c_attn
     first = x @ attn.weight.detach().numpy()  # Conv1D: [in, out]
     bias = attn.bias.detach().numpy()
@@ -37,10 +38,7 @@ def test_fp32_products_compute_what_the_checkpoint_does(tiny_export, tiny_torch_
 
 
 def test_a_prompts_products_run_its_rows_but_the_head_one(tiny_export):
-    products = products_graph(onnx.load(tiny_export / "model.onnx"), rows=32)
-    width = TINY["n_embd"]
-    assert sorted(i.name for i in products.graph.input) == [f"x1_{width}", f"x32_{4 * width}", f"x32_{width}"]
-    _, outputs = run(products)
+    _, outputs = run(products_graph(onnx.load(tiny_export / "model.onnx")), rows=32)
     assert outputs[0].shape[0] == 32 and outputs[-1].shape == (1, 50257)
 
 
@@ -69,12 +67,12 @@ def test_a_shortlisted_head_times_its_one_row_path(int8_export):
 
 def test_stand_ins_write_the_mean_of_the_input_plus_the_bias(int8_export):
     model = onnx.load(int8_export / "model.onnx")
-    stand_ins = products_graph(model, rows=3, stand_ins=True)
+    stand_ins = products_graph(model, stand_ins=True)
     assert {n.op_type for n in stand_ins.graph.node} == {"ReduceMean", "Add"}
-    feeds, outputs = run(stand_ins)
+    feeds, outputs = run(stand_ins, rows=3)
     first = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
     bias = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == first.input[5]))
-    x = feeds[f"x3_{TINY['n_embd']}"]
+    x = feeds[f"x{TINY['n_embd']}"]
     np.testing.assert_allclose(outputs[0], x.mean(axis=-1, keepdims=True) + bias, rtol=1e-5, atol=1e-5)
     assert outputs[-1].shape == (1, 50257)
 
