@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import tempfile
 import time
@@ -65,6 +66,16 @@ def _widths(node, initializers: dict) -> tuple[int, int]:
     return (int(weight.dims[1]), int(weight.dims[0])) if transposed else (int(weight.dims[0]), int(weight.dims[1]))
 
 
+def _element_type(node, initializers: dict) -> int:
+    """The onnx element type of a product's input and output: its scales' for MatMulNBits (fp16 graphs keep
+    fp16 scales), its weight's for MatMul and Gemm; DynamicQuantizeMatMul reads and writes fp32."""
+    from onnx import TensorProto
+
+    if node.op_type == "DynamicQuantizeMatMul":
+        return TensorProto.FLOAT
+    return initializers[node.input[2 if node.op_type == "MatMulNBits" else 1]].data_type
+
+
 def _stand_in(node, initializers: dict, offsets: dict) -> list:
     """Two cheap nodes that write the product's output shape from its input: mean(x) + its bias (zeros if none);
     the [N] offset goes into `offsets` (name -> array)."""
@@ -74,8 +85,8 @@ def _stand_in(node, initializers: dict, offsets: dict) -> list:
     index = BIAS_INPUT.get(node.op_type)
     bias = node.input[index] if index is not None and len(node.input) > index else ""
     offset = f"{node.name}/stand_in_offset"
-    offsets[offset] = (numpy_helper.to_array(initializers[bias]).reshape(-1) if bias
-                       else np.zeros(n, np.float32))
+    dtype = helper.tensor_dtype_to_np_dtype(_element_type(node, initializers))
+    offsets[offset] = numpy_helper.to_array(initializers[bias]).reshape(-1) if bias else np.zeros(n, dtype)
     mean = f"{node.name}/stand_in_mean"
     return [helper.make_node("ReduceMean", [node.input[0]], [mean], name=mean, axes=[-1], keepdims=1),
             helper.make_node("Add", [mean, offset], [node.output[0]], name=f"{node.name}/stand_in")]
@@ -86,7 +97,7 @@ def products_graph(model, stand_ins: bool = False):
     and reading input `x{K}` ([rows, K], any number of rows) or, for the LM head's product, `head{K}` ([1, K]:
     a step or a prompt runs the head at its last position only); with `stand_ins`, each product's stand-in
     instead (what `hollow` puts in their place)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     initializers = {t.name: t for t in model.graph.initializer}
     vocab = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
@@ -94,10 +105,10 @@ def products_graph(model, stand_ins: bool = False):
     for node in weight_products(model.graph, initializers):
         k, n = _widths(node, initializers)
         x = f"head{k}" if n == vocab else f"x{k}"
-        inputs[x] = [1 if n == vocab else "rows", k]
+        inputs[x] = (_element_type(node, initializers), [1 if n == vocab else "rows", k])
         product = copy.deepcopy(node)
         product.input[0], product.output[0] = x, f"y{len(outputs)}"
-        outputs.append(product.output[0])
+        outputs.append((product.output[0], inputs[x][0]))
         if stand_ins:
             nodes += _stand_in(product, initializers, offsets)
         else:
@@ -107,8 +118,8 @@ def products_graph(model, stand_ins: bool = False):
         raise ValueError("the graph has no weight products to time")
     graph = helper.make_graph(
         nodes, "products",
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape) for x, shape in sorted(inputs.items())],
-        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in outputs],
+        [helper.make_tensor_value_info(x, dtype, shape) for x, (dtype, shape) in sorted(inputs.items())],
+        [helper.make_tensor_value_info(y, dtype, None) for y, dtype in outputs],
         [initializers[name] for name in sorted(used)] + [numpy_helper.from_array(a, n) for n, a in offsets.items()])
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
@@ -141,42 +152,39 @@ def hollow(model):
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
-def _session(model, threads: int, shares_cores: bool):
-    """An onnxruntime session on `model` with the engine's options (`shares_cores` as its main session: where
-    the export has a batched graph, its pool stops spinning at the end of each run), its weights on 2 MB pages
-    as the engine's."""
+def graph_sessions(path: Path, threads: int, shares_cores: bool) -> tuple:
+    """(products, stand-ins, hollow graph) sessions of the export graph at `path`, with the engine's options
+    (`shares_cores` as its main session: where the export has a batched graph, its pool stops spinning at the
+    end of each run) and the weights on 2 MB pages as the engine's. Each graph is written out (external data:
+    a products graph may pass protobuf's 2 GB) and let go before any session loads, so a gpt2-large fp32 floor
+    adds one copy of its 3 GB of weights at a time."""
     import onnx
     import onnxruntime as ort
 
     from gpt2_onnx.engine.hugepages import collapse_populated_memory, huge_pages_wanted
     from gpt2_onnx.engine.session import session_options
 
-    with tempfile.TemporaryDirectory() as tmp:  # external data: a product graph may pass protobuf's 2 GB
-        path = Path(tmp) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
-        session = ort.InferenceSession(str(path), session_options(threads, shares_cores), providers=["CPUExecutionProvider"])
+    model = onnx.load(str(path))
+    graphs = {"products": None, "stand_ins": products_graph(model, stand_ins=True), "hollow": hollow(model)}
+    graphs["products"] = products_graph(model)
+    del model
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in graphs:
+            onnx.save_model(graphs[name], str(Path(tmp) / f"{name}.onnx"), save_as_external_data=True,
+                            location=f"{name}.data")
+            graphs[name] = None
+        sessions = [ort.InferenceSession(str(Path(tmp) / f"{name}.onnx"), session_options(threads, shares_cores),
+                                         providers=["CPUExecutionProvider"]) for name in graphs]
     if huge_pages_wanted(None):
         collapse_populated_memory()
-    return session
-
-
-def graph_sessions(path: Path, threads: int, shares_cores: bool) -> tuple:
-    """(products, stand-ins, hollow graph) sessions of the export graph at `path`: the one big copy of its
-    weights (the products') is made after the source graph is let go, so a gpt2-large fp32 floor holds two
-    copies of its 3 GB (the engine's and the products'), never three."""
-    import onnx
-
-    model = onnx.load(str(path))
-    empty, stand_ins = hollow(model), products_graph(model, stand_ins=True)
-    products = products_graph(model)
-    del model
-    return tuple(_session(graph, threads, shares_cores) for graph in (products, stand_ins, empty))
+    return tuple(sessions)
 
 
 def products_timer(session, rows: int, runs: int) -> Timer:
     """One pass over a products (or stand-ins) session's products at `rows` rows (the LM head's at one)."""
     rng = np.random.default_rng(0)
-    feeds = {i.name: rng.standard_normal([rows if d == "rows" else d for d in i.shape]).astype(np.float32)
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    feeds = {i.name: rng.standard_normal([rows if d == "rows" else d for d in i.shape]).astype(dtypes[i.type])
              for i in session.get_inputs()}
     return (lambda: None), (lambda: session.run(None, feeds)), runs
 
@@ -194,15 +202,13 @@ def decoder_timers(decoder, steps: int, prompt_runs: int) -> tuple[Timer, Timer]
     return (fresh_prompt, lambda: decoder.decode(tokens), steps - WARMUP), (lambda: None, fresh_prompt, prompt_runs)
 
 
-def system_timers(folder: Path, threads: int, runs: int) -> dict[str, Timer]:
-    """Every timer of one engine export: its own step and prompt; products and overhead for both, from one set
+def system_timers(engine, threads: int, runs: int) -> dict[str, Timer]:
+    """Every timer of one loaded engine: its own step and prompt; products and overhead for both, from one set
     of sessions per graph file (a prompt runs on the batched graph where the engine would run it there)."""
-    from gpt2_onnx.engine import Engine
     from gpt2_onnx.engine.decoders import SharedBufferDecoder
     from gpt2_onnx.engine.manifest import MODEL_FILE
 
-    engine = Engine(folder, threads=threads)
-    prompt_runs = max(5, runs // 4)
+    folder, prompt_runs = Path(engine.model_dir), max(5, runs // 4)
     timers = {}
     timers["step"], _ = decoder_timers(engine.batched_from(None).new_decoder(), runs + WARMUP, prompt_runs)
     _, timers["prompt"] = decoder_timers(engine.new_decoder(), runs + WARMUP, prompt_runs)
@@ -222,29 +228,35 @@ def system_timers(folder: Path, threads: int, runs: int) -> dict[str, Timer]:
     return timers
 
 
-def kernel_floors(folders: dict[str, Path], threads: int, rounds: int = 5, runs: int = 100) -> dict[str, dict]:
+def kernel_floors(engines: dict, threads: int, rounds: int = 5, runs: int = 100) -> dict[str, dict]:
     """{system: {step_ms, products_ms, overhead_ms, kernel_floor_ms, and the same four for the prompt}}, each
     median (min-max) over `rounds` alternating rounds of `runs` calls (a quarter of them for the prompt and its
-    products) for engine systems; the engine's own step and prompt are timed in the same rounds, so they and
-    the floors share the machine's moment."""
+    products), for engine systems given as loaded `Engine`s (the suite's own) or export folders. One system at
+    a time, since its timers hold a second copy of its weights (gpt2-large fp32: 3 GB); within a system the
+    engine's own step and prompt are timed in the same rounds as their floors, so they share the machine's
+    moment."""
+    from gpt2_onnx.engine import Engine
+
     from .measure import SETTLE_S, median_ms, spread
 
-    timers = {(name, kind): timer for name, folder in folders.items()
-              for kind, timer in system_timers(folder, threads, runs).items()}
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in timers}
-    for round_ in range(rounds):  # alternating, as the suite times the systems themselves
-        for key in list(timers) if round_ % 2 == 0 else list(timers)[::-1]:
-            start, call, calls = timers[key]
-            start()
-            time.sleep(SETTLE_S)  # the previous session's pool stops spinning
-            times[key].append(median_ms(call, calls, WARMUP))
     floors = {}
-    for name in folders:
+    for name, engine in engines.items():
+        engine = engine if isinstance(engine, Engine) else Engine(engine, threads=threads)
+        timers = system_timers(engine, threads, runs)
+        times: dict[str, list[float]] = {kind: [] for kind in timers}
+        for round_ in range(rounds):
+            for kind in list(timers) if round_ % 2 == 0 else list(timers)[::-1]:
+                start, call, calls = timers[kind]
+                start()
+                time.sleep(SETTLE_S)  # the previous session's pool stops spinning
+                times[kind].append(median_ms(call, calls, WARMUP))
+        del timers
+        gc.collect()  # the sessions' weights go before the next system's load
         floor = {}
         for kind in ("", "prompt_"):
-            products = np.array(times[name, kind + "products"])
-            overhead = np.maximum(0.0, np.array(times[name, kind + "hollow"]) - np.array(times[name, kind + "stand_ins"]))
-            floor |= {f"{kind or 'step_'}ms": spread(np.array(times[name, kind.rstrip("_") or "step"])),
+            products = np.array(times[kind + "products"])
+            overhead = np.maximum(0.0, np.array(times[kind + "hollow"]) - np.array(times[kind + "stand_ins"]))
+            floor |= {f"{kind or 'step_'}ms": spread(np.array(times[kind.rstrip("_") or "step"])),
                       f"{kind}products_ms": spread(products), f"{kind}overhead_ms": spread(overhead),
                       f"{kind}kernel_floor_ms": spread(products + overhead)}
         floors[name] = floor

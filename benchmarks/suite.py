@@ -109,7 +109,7 @@ class Suite:
         if c.kernel_floors and engines:
             self.log(f"[4/8] kernel floors of {', '.join(s.name for s in engines)}: their weight products alone, "
                      "and their graphs' fixed cost, for a step and a prompt")
-            self.results["kernel_floor"] = kernel_floors({s.name: s.folder for s in engines}, c.threads, c.rounds,
+            self.results["kernel_floor"] = kernel_floors({s.name: s.engine for s in engines}, c.threads, c.rounds,
                                                          30 if c.quick else 100)
         if c.memory:
             probed = [s for s in systems if s.name.startswith("engine-")] if c.quick else systems

@@ -17,7 +17,8 @@ from .conftest import TINY
 def run(products: onnx.ModelProto, rows: int = 1, seed: int = 0) -> tuple[dict, list[np.ndarray]]:
     session = ort.InferenceSession(products.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
-    feeds = {i.name: rng.standard_normal([rows if d == "rows" else d for d in i.shape]).astype(np.float32)
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    feeds = {i.name: rng.standard_normal([rows if d == "rows" else d for d in i.shape]).astype(dtypes[i.type])
              for i in session.get_inputs()}
     return feeds, session.run(None, feeds)
 
@@ -119,3 +120,20 @@ def test_a_graph_without_weight_products_is_refused():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     with pytest.raises(ValueError, match="no weight products"):
         products_graph(helper.make_model(graph))
+
+
+def test_fp16_products_stand_ins_and_hollow_graph_keep_fp16(tiny_checkpoint, tmp_path):
+    from gpt2_onnx.engine.decoders import SharedBufferDecoder
+    from gpt2_onnx.engine.manifest import Manifest
+    from gpt2_onnx.export import QuantConfig, export_model
+
+    out = export_model(str(tiny_checkpoint), tmp_path / "fp16", quant=QuantConfig.fp16(), eval_windows=0,
+                       log=lambda _: None).out_dir
+    model = onnx.load(out / "model.onnx")
+    for stand_ins in (False, True):
+        _, outputs = run(products_graph(model, stand_ins=stand_ins), rows=2)
+        assert all(o.dtype == np.float16 and np.isfinite(o).all() for o in outputs)
+    session = ort.InferenceSession(hollow(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    decoder = SharedBufferDecoder(session, Manifest.read(out))
+    decoder.allocate(1, 40)
+    assert np.isfinite(decoder.add(list(range(32)))).all()
