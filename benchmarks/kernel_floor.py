@@ -165,19 +165,19 @@ def graph_sessions(path: Path, threads: int, shares_cores: bool) -> tuple:
     from gpt2_onnx.engine.session import session_options
 
     model = onnx.load(str(path))
-    graphs = {"products": None, "stand_ins": products_graph(model, stand_ins=True), "hollow": hollow(model)}
-    graphs["products"] = products_graph(model)
+    graphs = {"stand_ins": products_graph(model, stand_ins=True), "hollow": hollow(model)}
+    graphs["products"] = products_graph(model)  # the big copy, last
     del model
     with tempfile.TemporaryDirectory() as tmp:
-        for name in graphs:
-            onnx.save_model(graphs[name], str(Path(tmp) / f"{name}.onnx"), save_as_external_data=True,
+        for name in list(graphs):
+            onnx.save_model(graphs.pop(name), str(Path(tmp) / f"{name}.onnx"), save_as_external_data=True,
                             location=f"{name}.data")
-            graphs[name] = None
-        sessions = [ort.InferenceSession(str(Path(tmp) / f"{name}.onnx"), session_options(threads, shares_cores),
-                                         providers=["CPUExecutionProvider"]) for name in graphs]
+        sessions = {name: ort.InferenceSession(str(Path(tmp) / f"{name}.onnx"), session_options(threads, shares_cores),
+                                               providers=["CPUExecutionProvider"])
+                    for name in ("products", "stand_ins", "hollow")}
     if huge_pages_wanted(None):
         collapse_populated_memory()
-    return tuple(sessions)
+    return sessions["products"], sessions["stand_ins"], sessions["hollow"]
 
 
 def products_timer(session, rows: int, runs: int) -> Timer:
@@ -189,42 +189,51 @@ def products_timer(session, rows: int, runs: int) -> Timer:
     return (lambda: None), (lambda: session.run(None, feeds)), runs
 
 
-def decoder_timers(decoder, steps: int, prompt_runs: int) -> tuple[Timer, Timer]:
-    """(one-row step, prompt) timers on an engine decoder: every round times `steps` - WARMUP steps from the same
-    32-token prompt (as the suite's per-token figure: 32 positions on), and prompts into an empty decoder."""
-    prompt, tokens = list(range(PROMPT)), np.zeros(1, np.int64)
+def step_timer(decoder, steps: int) -> Timer:
+    """One-row decode steps on an engine decoder: every round times `steps` - WARMUP steps from the same
+    32-token prompt (as the suite's per-token figure: 32 positions on)."""
+    tokens = np.zeros(1, np.int64)
     decoder.allocate(1, PROMPT + steps)
-
-    def fresh_prompt() -> None:
-        if decoder.rows:
-            decoder.remove(0)
-        decoder.add(prompt)
-    return (fresh_prompt, lambda: decoder.decode(tokens), steps - WARMUP), (lambda: None, fresh_prompt, prompt_runs)
+    return (lambda: _fresh_prompt(decoder)), (lambda: decoder.decode(tokens)), steps - WARMUP
 
 
-def system_timers(engine, threads: int, runs: int) -> dict[str, Timer]:
-    """Every timer of one loaded engine: its own step and prompt; products and overhead for both, from one set
-    of sessions per graph file (a prompt runs on the batched graph where the engine would run it there)."""
+def prompt_timer(decoder, runs: int) -> Timer:
+    """32-token prompts into an empty decoder."""
+    decoder.allocate(1, PROMPT)
+    return (lambda: None), (lambda: _fresh_prompt(decoder)), runs
+
+
+def _fresh_prompt(decoder) -> None:
+    if decoder.rows:
+        decoder.remove(0)
+    decoder.add(list(range(PROMPT)))
+
+
+PASSES = {"step": "", "prompt": "prompt_"}  # the passes floored, and their results' key prefix
+
+
+def system_timers(engine, threads: int, runs: int) -> dict[tuple[str, str], Timer]:
+    """Every timer of one loaded engine, keyed (pass, part): for a one-row step and a 32-token prompt, the
+    engine's own ("engine"), its products, their stand-ins and the hollow graph, from one set of sessions per
+    graph file (a prompt runs on the batched graph where the engine would run it there)."""
     from gpt2_onnx.engine.decoders import SharedBufferDecoder
     from gpt2_onnx.engine.manifest import MODEL_FILE
 
     folder, prompt_runs = Path(engine.model_dir), max(5, runs // 4)
-    timers = {}
-    timers["step"], _ = decoder_timers(engine.batched_from(None).new_decoder(), runs + WARMUP, prompt_runs)
-    _, timers["prompt"] = decoder_timers(engine.new_decoder(), runs + WARMUP, prompt_runs)
     batched = engine.new_decoder().session_for(PROMPT) is not engine.session
-    graphs = {"": folder / MODEL_FILE}
-    graphs["prompt_"] = folder / engine.manifest.batched["folder"] / MODEL_FILE if batched else graphs[""]
+    graphs = {"step": folder / MODEL_FILE}
+    graphs["prompt"] = folder / engine.manifest.batched["folder"] / MODEL_FILE if batched else graphs["step"]
     shares_cores = bool(engine.manifest.batched)  # as the engine's main session
     sessions = {path: graph_sessions(path, threads, shares_cores) for path in set(graphs.values())}
-    for kind, path in graphs.items():
+    timers = {("step", "engine"): step_timer(engine.batched_from(None).new_decoder(), runs + WARMUP),
+              ("prompt", "engine"): prompt_timer(engine.new_decoder(), prompt_runs)}
+    for pass_, path in graphs.items():
         products, stand_ins, empty = sessions[path]
-        rows = PROMPT if kind else 1
-        timers[kind + "products"] = products_timer(products, rows, prompt_runs if kind else runs)
-        timers[kind + "stand_ins"] = products_timer(stand_ins, rows, runs)
+        rows = PROMPT if pass_ == "prompt" else 1
+        timers[pass_, "products"] = products_timer(products, rows, prompt_runs if pass_ == "prompt" else runs)
+        timers[pass_, "stand_ins"] = products_timer(stand_ins, rows, runs)
         decoder = SharedBufferDecoder(empty, engine.manifest, huge_pages=engine.huge_pages)
-        step, prompt = decoder_timers(decoder, runs + WARMUP, runs)
-        timers[kind + "hollow"] = prompt if kind else step
+        timers[pass_, "hollow"] = prompt_timer(decoder, runs) if pass_ == "prompt" else step_timer(decoder, runs + WARMUP)
     return timers
 
 
@@ -243,23 +252,22 @@ def kernel_floors(engines: dict, threads: int, rounds: int = 5, runs: int = 100)
     for name, engine in engines.items():
         engine = engine if isinstance(engine, Engine) else Engine(engine, threads=threads)
         timers = system_timers(engine, threads, runs)
-        times: dict[str, list[float]] = {kind: [] for kind in timers}
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in timers}
         for round_ in range(rounds):
-            for kind in list(timers) if round_ % 2 == 0 else list(timers)[::-1]:
-                start, call, calls = timers[kind]
+            for key in list(timers) if round_ % 2 == 0 else list(timers)[::-1]:
+                start, call, calls = timers[key]
                 start()
                 time.sleep(SETTLE_S)  # the previous session's pool stops spinning
-                times[kind].append(median_ms(call, calls, WARMUP))
+                times[key].append(median_ms(call, calls, WARMUP))
         del timers
         gc.collect()  # the sessions' weights go before the next system's load
-        floor = {}
-        for kind in ("", "prompt_"):
-            products = np.array(times[kind + "products"])
-            overhead = np.maximum(0.0, np.array(times[kind + "hollow"]) - np.array(times[kind + "stand_ins"]))
-            floor |= {f"{kind or 'step_'}ms": spread(np.array(times[kind.rstrip("_") or "step"])),
-                      f"{kind}products_ms": spread(products), f"{kind}overhead_ms": spread(overhead),
-                      f"{kind}kernel_floor_ms": spread(products + overhead)}
-        floors[name] = floor
+        floors[name] = {}
+        for pass_, prefix in PASSES.items():
+            products = np.array(times[pass_, "products"])
+            overhead = np.maximum(0.0, np.array(times[pass_, "hollow"]) - np.array(times[pass_, "stand_ins"]))
+            floors[name] |= {f"{pass_}_ms": spread(np.array(times[pass_, "engine"])),
+                             f"{prefix}products_ms": spread(products), f"{prefix}overhead_ms": spread(overhead),
+                             f"{prefix}kernel_floor_ms": spread(products + overhead)}
     return floors
 
 

@@ -218,7 +218,8 @@ def build_graph(weights: Mapping[str, np.ndarray], shape: GraphShape, quant: Qua
         h, residual = g.project_into_residual(f"{name}/mlp/proj", act, w[f"{p}.mlp.c_proj.weight"],
                                               w[f"{p}.mlp.c_proj.bias"], residual, w, next_norm,
                                               shape.layer_norm_epsilon)
-    g.to_residual(lm_head(g.to_compute(h, "/lm_head")), "/lm_head")  # h: [B, N, E], the positions asked for  # logits are fp32 for every precision
+    # h: [B, N, E], the positions asked for; logits are fp32 for every precision
+    g.to_residual(lm_head(g.to_compute(h, "/lm_head")), "/lm_head")
     g.nodes[-1].output[0] = "logits"  # the last node's output is the graph's
     return _model(g, shape), g.max_weight_error
 
