@@ -42,9 +42,12 @@ def batched_recipe(quant: QuantConfig) -> QuantConfig:
     """int8 DynamicQuantizeMatMul blocks (whatever this CPU's int8 default); the LM head and embedding as the
     main graph stores them, without the head's shortlist: wide decode steps take the whole head anyway; for a
     prompt's one logits row its 4-bit table (gpt2: 21 MB more on disk and in memory) saved 0.5-0.8 of ~14.5 ms
-    (int8 gpt2, 32-token prompts, alternating), not judged worth the memory."""
+    (int8 gpt2, 32-token prompts, alternating), not judged worth the memory. An 8-bit head has the wide head
+    too (lm_head.py): 38.6 MB more for gpt2; int4 gpt2, interleaved call by call, 40 calls each: a 16-row step
+    14.4 ms against 15.8 (medians), a 32-row one 24.8 against 27.5, a 32-token prompt unchanged (13.1)."""
     return replace(QuantConfig.int8(block_size=quant.block_size, kernel="DynamicQuantizeMatMul"),
-                   lm_head_bits=quant.head_bits or 32, head_shortlist=0, batched_graph=False, kv_cache=quant.kv_cache)
+                   lm_head_bits=quant.head_bits or 32, head_shortlist=0, batched_graph=False, kv_cache=quant.kv_cache,
+                   wide_head=True)
 
 
 def add_batched_graph(model, work: Path, quant: QuantConfig, manifest, log, kv_scales: dict | None = None) -> dict:

@@ -11,6 +11,9 @@ in fp32; the other tokens keep their 4-bit score. The 8-bit argmax stays exact w
 4-bit top 32: on the trained fixture it was at every one of 10,240 positions already among the top 8.
 TopK and the scatter cost more than the 4-bit product saves once many rows ask for logits at once (a
 wide batch, prompt log-probabilities), so such passes take the full 8-bit head: an If on the row count.
+With `QuantConfig.wide_head` (the batched graph's recipe) those passes multiply with a per-channel int8 copy
+of the table instead (DynamicQuantizeMatMul: integer dot products over whole rows, ~1.7x faster than 8-bit
+MatMulNBits from 16 rows), at the table's size again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from onnx import TensorProto, helper
 # Rows x logits positions up to which the shortlist runs; wider passes take the full 8-bit head. Measured
 # in the gpt2 int8 graph (AVX-512 VNNI host, 2 threads): see README's quantization section.
 SHORTLIST_MAX_ROWS = 8
+# With `QuantConfig.wide_head`, passes of at least this many logits rows take the head from a per-channel int8
+# copy of the table through DynamicQuantizeMatMul. The gpt2 head alone (AVX-512 VNNI host, 2 threads, fastest
+# of alternating rounds): 8-bit MatMulNBits 0.7 / 1.5 / 2.3 / 3.9 / 7.0 / 13.2 ms at 1 / 4 / 8 / 16 / 32 / 64
+# rows against 1.1 / 1.5 / 1.8 / 2.6 / 4.2 / 7.2: MatMulNBits dequantizes the blocks again for every row.
+WIDE_HEAD_MIN_ROWS = 5
 
 Head = Callable[[str], str]
 
@@ -52,38 +60,48 @@ def embedding_and_head(g, wte: np.ndarray, shape) -> tuple[Head, Head]:
     def head(x: str, name: str = "/lm_head") -> str:
         return g.matmul_nbits(name, x, stored, shape.n_embd, shape.vocab_size, bits)
 
+    def per_channel_head(x: str, name: str) -> str:
+        return g.dynamic_quantize_matmul(name, x, wte.T)
+
+    many_rows = per_channel_head if g.quant.wide_head and bits == 8 else head
     shortlist = min(g.quant.shortlist, shape.vocab_size)
-    if not shortlist:
+    if shortlist:
+        return embed, _shortlisted(g, wte, shape, shortlist, many_rows, gather_rows)
+    if many_rows is head:
         return embed, head
-    return embed, _shortlisted(g, wte, shape, shortlist, head, gather_rows)
+    return embed, lambda x: _by_rows(g, x, WIDE_HEAD_MIN_ROWS - 1, head, many_rows, "/lm_head", "narrow", "wide")
 
 
-def _shortlisted(g, wte: np.ndarray, shape, shortlist: int, full_head: Head,
+def _by_rows(g, x: str, max_rows: int, few: Callable[[str, str], str], many: Callable[[str, str], str], name: str,
+             few_name: str, many_name: str) -> str:
+    """few(x) if x [B, N, E] has at most `max_rows` rows (B x N) else many(x): an If, both branches logits."""
+    rows = g.one("ReduceProd", [g.one("Shape", [x], f"{name}/Shape", end=2)], f"{name}/rows", keepdims=0)
+    is_few = g.one("LessOrEqual", [rows, g.weight(f"{name}/max_rows_{few_name}", np.array(max_rows))],
+                   f"{name}/few_rows")
+    branches = {}
+    for branch, make in ((few_name, few), (many_name, many)):
+        with g.branch() as nodes:
+            out = make(x, f"{name}/{branch}")
+        branches[branch] = helper.make_graph(nodes, branch, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+    return g.one("If", [is_few], f"{name}/If", then_branch=branches[few_name], else_branch=branches[many_name])
+
+
+def _shortlisted(g, wte: np.ndarray, shape, shortlist: int, full_head: Callable[[str, str], str],
                  gather_rows: Callable[[str, str, int], str]) -> Head:
     stored4 = g.blockwise("wte4", wte.T, 4, symmetric=True)  # its error counts: the tail's scores come from it
     k = g.weight("lm_head.shortlist", np.array([shortlist], np.int64))
     last_axis = g.weight("lm_head.last_axis", np.array([-1], np.int64))
 
-    def head(x: str) -> str:
-        name = "/lm_head"
-        rows = g.one("ReduceProd", [g.one("Shape", [x], f"{name}/Shape", end=2)], f"{name}/rows", keepdims=0)
-        few = g.one("LessOrEqual", [rows, g.weight("lm_head.shortlist_max_rows", np.array(SHORTLIST_MAX_ROWS))],
-                    f"{name}/few_rows")
-        with g.branch() as short_nodes:
-            approx = g.matmul_nbits(f"{name}/approx", x, stored4, shape.n_embd, shape.vocab_size, 4)
-            ids = g.op("TopK", [approx, k], f"{name}/TopK", n_out=2, axis=-1)[1]  # [B, N, shortlist]
-            candidates = gather_rows(ids, f"{name}/candidates", 3)  # [B, N, shortlist, E], from the 8-bit table
-            column = g.one("Unsqueeze", [x, last_axis], f"{name}/Unsqueeze")  # [B, N, E, 1]
-            exact = g.one("Squeeze", [g.one("MatMul", [candidates, column], f"{name}/exact/MatMul"), last_axis],
-                          f"{name}/Squeeze")
-            short = g.one("ScatterElements", [approx, ids, exact], f"{name}/ScatterElements", axis=-1)
-        with g.branch() as full_nodes:
-            full = full_head(x, f"{name}/full")
-        logits = helper.make_tensor_value_info
-        return g.one("If", [few], f"{name}/If",
-                     then_branch=helper.make_graph(short_nodes, "shortlist", [], [logits(short, TensorProto.FLOAT, None)]),
-                     else_branch=helper.make_graph(full_nodes, "full", [], [logits(full, TensorProto.FLOAT, None)]))
-    return head
+    def short(x: str, name: str) -> str:
+        approx = g.matmul_nbits(f"{name}/approx", x, stored4, shape.n_embd, shape.vocab_size, 4)
+        ids = g.op("TopK", [approx, k], f"{name}/TopK", n_out=2, axis=-1)[1]  # [B, N, shortlist]
+        candidates = gather_rows(ids, f"{name}/candidates", 3)  # [B, N, shortlist, E], from the 8-bit table
+        column = g.one("Unsqueeze", [x, last_axis], f"{name}/Unsqueeze")  # [B, N, E, 1]
+        exact = g.one("Squeeze", [g.one("MatMul", [candidates, column], f"{name}/exact/MatMul"), last_axis],
+                      f"{name}/Squeeze")
+        return g.one("ScatterElements", [approx, ids, exact], f"{name}/ScatterElements", axis=-1)
+
+    return lambda x: _by_rows(g, x, SHORTLIST_MAX_ROWS, short, full_head, "/lm_head", "shortlist", "full")
 
 
 def _dense(g, wte: np.ndarray, shape) -> tuple[Head, Head]:

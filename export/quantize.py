@@ -64,6 +64,9 @@ class QuantConfig:
     head_shortlist: int = 32
     # MatMulNBits blocks: also write the int8 graph that runs prefills and wide batches faster (batched.py)
     batched_graph: bool = True
+    # an 8-bit head: passes of many logits rows multiply with a per-channel int8 copy of the table instead
+    # (DynamicQuantizeMatMul; lm_head.py), at the table's size again (gpt2: 38.6 MB)
+    wide_head: bool = False
     # the KV cache: float32, or int8 with per-channel scales calibrated on text (kv_cache.py)
     kv_cache: str = "float32"
 

@@ -12,9 +12,9 @@ from onnx import TensorProto, helper
 from gpt2_onnx.errors import Gpt2OnnxError
 from gpt2_onnx.export import QuantConfig
 from gpt2_onnx.export.builder import OPSET, GraphShape, GraphWriter
-from gpt2_onnx.export.lm_head import SHORTLIST_MAX_ROWS, embedding_and_head
+from gpt2_onnx.export.lm_head import SHORTLIST_MAX_ROWS, WIDE_HEAD_MIN_ROWS, embedding_and_head
 from gpt2_onnx.export.quality import BATCH
-from gpt2_onnx.export.quantize import MAX_SHORTLIST, dequantize, quantize_blockwise
+from gpt2_onnx.export.quantize import MAX_SHORTLIST, dequantize, quantize_blockwise, quantize_per_channel_int8
 
 VOCAB, WIDTH, BLOCK, SHORTLIST = 300, 64, 32, 16
 SHAPE = GraphShape(n_layer=1, n_head=1, n_embd=WIDTH, n_positions=8, vocab_size=VOCAB, layer_norm_epsilon=1e-5)
@@ -41,7 +41,20 @@ def heads():
     wte = rng.standard_normal((VOCAB, WIDTH)).astype(np.float32)
     return wte, {"shortlisted": head_session(wte, head_shortlist=SHORTLIST),
                  "8-bit": head_session(wte, head_shortlist=0),
-                 "4-bit": head_session(wte, head_shortlist=0, lm_head_bits=4)}
+                 "4-bit": head_session(wte, head_shortlist=0, lm_head_bits=4),
+                 "8-bit, wide": head_session(wte, head_shortlist=0, wide_head=True),
+                 "shortlisted, wide": head_session(wte, head_shortlist=SHORTLIST, wide_head=True)}
+
+
+def dynamic_int8_product(hidden: np.ndarray, wte: np.ndarray) -> np.ndarray:
+    """What DynamicQuantizeMatMul computes: hidden quantized to uint8 over the whole tensor (its range widened
+    to hold 0), times the per-channel int8 table, in integers, then scaled back."""
+    q8, scales, _ = quantize_per_channel_int8(wte.T)
+    low, high = min(hidden.min(), 0.0), max(hidden.max(), 0.0)
+    scale = (high - low) / 255
+    zero = np.clip(np.round(-low / scale), 0, 255)
+    quantized = np.clip(np.round(hidden / scale) + zero, 0, 255)
+    return ((quantized - zero) @ q8.astype(np.float64)) * scale * scales
 
 
 @pytest.mark.parametrize("rows, positions", [(1, 1), (4, 2), (SHORTLIST_MAX_ROWS, 1)])
@@ -72,6 +85,30 @@ def test_wide_passes_take_the_whole_8_bit_head(heads):
     hidden = np.random.default_rng(1).standard_normal((3, SHORTLIST_MAX_ROWS, WIDTH)).astype(np.float32)
     logits, full = (sessions[k].run(None, {"hidden": hidden})[0] for k in ("shortlisted", "8-bit"))
     np.testing.assert_array_equal(logits, full)
+
+
+@pytest.mark.parametrize("rows, positions", [(1, 1), (1, WIDE_HEAD_MIN_ROWS - 1), (WIDE_HEAD_MIN_ROWS, 1),
+                                             (2, WIDE_HEAD_MIN_ROWS), (3, SHORTLIST_MAX_ROWS)])
+def test_passes_of_many_rows_take_the_wide_head(heads, rows, positions):
+    wte, sessions = heads
+    hidden = np.random.default_rng(rows * positions).standard_normal((rows, positions, WIDTH)).astype(np.float32)
+    narrow, wide = (sessions[k].run(None, {"hidden": hidden})[0] for k in ("8-bit", "8-bit, wide"))
+    if rows * positions < WIDE_HEAD_MIN_ROWS:
+        np.testing.assert_array_equal(wide, narrow)  # a prompt's one row and short batches: the 8-bit blocks
+        return
+    np.testing.assert_allclose(wide, dynamic_int8_product(hidden, wte), rtol=1e-4, atol=1e-3)
+    assert not np.allclose(wide, narrow, atol=1e-3)  # really the other table
+    assert np.abs(wide - narrow).max() < 0.05 * np.abs(narrow).max()  # and the same head
+
+
+def test_a_shortlisted_head_passes_its_wide_passes_to_the_wide_head(heads):
+    wte, sessions = heads
+    few = np.random.default_rng(5).standard_normal((1, SHORTLIST_MAX_ROWS, WIDTH)).astype(np.float32)
+    many = np.random.default_rng(6).standard_normal((1, SHORTLIST_MAX_ROWS + 1, WIDTH)).astype(np.float32)
+    np.testing.assert_array_equal(sessions["shortlisted, wide"].run(None, {"hidden": few})[0],
+                                  sessions["shortlisted"].run(None, {"hidden": few})[0])
+    np.testing.assert_allclose(sessions["shortlisted, wide"].run(None, {"hidden": many})[0],
+                               dynamic_int8_product(many, wte), rtol=1e-4, atol=1e-3)
 
 
 def test_the_recipe_bounds_the_shortlist():
