@@ -24,6 +24,7 @@ import argparse
 import copy
 import gc
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -271,19 +272,26 @@ def kernel_floors(engines: dict, threads: int, rounds: int = 5, runs: int = 100)
     return floors
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     from gpt2_onnx.engine.manifest import Manifest
+    from gpt2_onnx.errors import Gpt2OnnxError, first_line
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model_dirs", type=Path, nargs="+", help="engine exports of one checkpoint")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=100, help="calls per round (median)")
-    args = parser.parse_args()
-    folders = {f"engine-{Manifest.read(folder).precision}": folder for folder in args.model_dirs}
-    for name, floor in kernel_floors(folders, args.threads, args.rounds, args.runs).items():
+    args = parser.parse_args(argv)
+    try:
+        folders = {f"engine-{Manifest.read(folder).precision}": folder for folder in args.model_dirs}
+        floors = kernel_floors(folders, args.threads, args.rounds, args.runs)
+    except Gpt2OnnxError as exc:
+        print(f"error: {first_line(exc)}", file=sys.stderr)
+        return 1
+    for name, floor in floors.items():
         print(json.dumps({"system": name, "folder": str(folders[name]), "threads": args.threads, **floor}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -137,3 +137,13 @@ def test_fp16_products_stand_ins_and_hollow_graph_keep_fp16(tiny_checkpoint, tmp
     decoder = SharedBufferDecoder(session, Manifest.read(out))
     decoder.allocate(1, 40)
     assert np.isfinite(decoder.add(list(range(32)))).all()
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty", "checkpoint"])
+def test_the_command_line_names_a_folder_that_is_not_an_export(folder, tmp_path, tiny_checkpoint, capsys):
+    from gpt2_onnx.benchmarks.kernel_floor import main
+
+    path = {"missing": tmp_path / "nothing", "empty": tmp_path, "checkpoint": tiny_checkpoint}[folder]
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "export" in err and "Traceback" not in err
