@@ -16,11 +16,15 @@ import numpy as np
 from gpt2_onnx.engine.manifest import INT8_KERNELS, KV_CACHES, PRECISIONS
 from gpt2_onnx.errors import Gpt2OnnxError
 
-BLOCK_SIZES = (16, 32, 64, 128)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 # Measured on an AVX-512 VNNI machine (gpt2, 2 threads, same run): int4 blocks of 128 decode in 3.4-3.7 ms a
 # token against 4.5-5.1 at 32 (per-block scale work, in the head as in the blocks), batch 16 +15-20 %, for
-# 0.3 points of top-1 agreement on the trained fixture (README's quantization table)
+# 0.3 points of top-1 agreement on the trained fixture (README's quantization table). Blocks of 256 then took
+# the 4-bit products of a gpt2 step from 2.07 to 1.59 ms (gpt2-large's from 14.5 to 13.0; medians of 10
+# alternating rounds) and a whole step from 3.70 to 3.40 ms, for 0.05 points; 8-bit products stream at the
+# same speed with either (3.26 and 3.20 ms), so int8 keeps 128.
 AUTO_BLOCK_SIZES = (128, 64, 32)
+INT4_AUTO_BLOCK_SIZES = (256, *AUTO_BLOCK_SIZES)
 MAX_SHORTLIST = 1024  # LM-head candidates re-scored exactly; more would cost what the shortlist saves
 # int8 blocks by CPU class. With the weights on huge pages (engine/hugepages.py), on an AVX-512 VNNI host
 # (2 threads, alternating processes) 8-bit MatMulNBits decoded a gpt2 token in 3.84-4.16 ms against
@@ -51,7 +55,8 @@ def int8_kernel_for_this_cpu() -> str:
 class QuantConfig:
     precision: str = "fp32"
     # along K; smaller blocks track outliers better and cost more scales. None: the largest of AUTO_BLOCK_SIZES
-    # that divides the width (128 for gpt2 to gpt2-large, 64 for gpt2-xl's 1,600), resolved by `for_width`
+    # (INT4_AUTO_BLOCK_SIZES for int4) that divides the width (gpt2 to gpt2-large: int4 256, int8 128; gpt2-xl's
+    # 1,600: 64), resolved by `for_width`
     block_size: int | None = None
     symmetric: bool = True  # False stores a zero point per block (min/max range, as llama.cpp's Q4_1)
     lm_head_bits: int | None = None  # the tied embedding / LM head; None: same as the blocks
@@ -131,7 +136,8 @@ class QuantConfig:
         """This recipe for a model `n_embd` wide: the block size resolved and checked."""
         fitting = [b for b in BLOCK_SIZES if n_embd % b == 0]
         if self.block_size is None:
-            auto = [b for b in AUTO_BLOCK_SIZES if n_embd % b == 0] or fitting[-1:]
+            choices = INT4_AUTO_BLOCK_SIZES if self.precision == "int4" else AUTO_BLOCK_SIZES
+            auto = [b for b in choices if n_embd % b == 0] or fitting[-1:]
             if not auto:
                 raise Gpt2OnnxError(f"no block size of {BLOCK_SIZES} divides the hidden size {n_embd}")
             return replace(self, block_size=auto[0])

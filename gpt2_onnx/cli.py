@@ -68,9 +68,9 @@ def add_export(sub) -> None:
     p.add_argument("--graph", choices=GRAPHS, default="fast",
                    help="fast: the engine's fused graph; reference: Optimum's plain export (fp32)")
     q = p.add_argument_group("quantization")
-    q.add_argument("--block-size", type=int, default=None, choices=[16, 32, 64, 128],
-                   help="weights per scale along K (int4 blocks, 8-bit head) (default: the largest of 128, 64, 32 "
-                        "that divides the width)")
+    q.add_argument("--block-size", type=int, default=None, choices=[16, 32, 64, 128, 256],
+                   help="weights per scale along K (int4 blocks, 8-bit head) (default: the largest of 256 (int4), "
+                        "128, 64, 32 that divides the width)")
     q.add_argument("--asymmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="store a zero point per block (default: symmetric, which measured as accurate and faster)")
     q.add_argument("--lm-head-bits", type=int, choices=[4, 8, 32], default=None,

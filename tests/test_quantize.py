@@ -100,6 +100,28 @@ def test_block_that_does_not_divide_the_width_is_refused(tiny_checkpoint, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("width, int4, int8", [(64, 64, 64), (768, 256, 128), (1024, 256, 128), (1280, 256, 128),
+                                               (1600, 64, 64), (48, 16, 16)])
+def test_the_default_block_is_the_largest_that_divides_the_width(width, int4, int8):
+    # int4 gains from blocks of 256 (fewer scales per row); 8-bit blocks stream as fast at 128
+    assert QuantConfig.int4().for_width(width).block_size == int4
+    assert QuantConfig.int8().for_width(width).block_size == int8
+    assert QuantConfig.int4(block_size=64).for_width(width * 4).block_size == 64  # asked for: kept
+
+
+def test_the_command_line_offers_every_block_size():
+    import argparse
+
+    from gpt2_onnx.cli import add_export, quant_config
+    from gpt2_onnx.export.quantize import BLOCK_SIZES
+
+    parser = argparse.ArgumentParser()
+    add_export(parser.add_subparsers(dest="verb"))
+    for size in BLOCK_SIZES:
+        args = parser.parse_args(["export", "gpt2", "out", "--precision", "int4", "--block-size", str(size)])
+        assert quant_config(args).block_size == size
+
+
 @pytest.mark.skipif(not TRAINED.exists(), reason="needs ../shared/models/gpt2-tiny-trained")
 @pytest.mark.parametrize("name, quant, min_top1, max_ratio", [
     ("int8", QuantConfig.int8(), 0.99, 1.01),
