@@ -181,12 +181,18 @@ def graph_sessions(path: Path, threads: int, shares_cores: bool) -> tuple:
     return sessions["products"], sessions["stand_ins"], sessions["hollow"]
 
 
+def random_feeds(session, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal inputs for a `products_graph` session: `rows` rows (the LM head's input one), each in
+    its input's element type."""
+    rng = np.random.default_rng(seed)
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    return {i.name: rng.standard_normal([rows if d == "rows" else d for d in i.shape]).astype(dtypes[i.type])
+            for i in session.get_inputs()}
+
+
 def products_timer(session, rows: int, runs: int) -> Timer:
     """One pass over a products (or stand-ins) session's products at `rows` rows (the LM head's at one)."""
-    rng = np.random.default_rng(0)
-    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-    feeds = {i.name: rng.standard_normal([rows if d == "rows" else d for d in i.shape]).astype(dtypes[i.type])
-             for i in session.get_inputs()}
+    feeds = random_feeds(session, rows)
     return (lambda: None), (lambda: session.run(None, feeds)), runs
 
 
@@ -221,13 +227,14 @@ def system_timers(engine, threads: int, runs: int) -> dict[tuple[str, str], Time
     from gpt2_onnx.engine.manifest import MODEL_FILE
 
     folder, prompt_runs = Path(engine.model_dir), max(5, runs // 4)
-    batched = engine.new_decoder().session_for(PROMPT) is not engine.session
+    prompt_decoder = engine.new_decoder()
+    batched = prompt_decoder.session_for(PROMPT) is not engine.session
     graphs = {"step": folder / MODEL_FILE}
     graphs["prompt"] = folder / engine.manifest.batched["folder"] / MODEL_FILE if batched else graphs["step"]
     shares_cores = bool(engine.manifest.batched)  # as the engine's main session
     sessions = {path: graph_sessions(path, threads, shares_cores) for path in set(graphs.values())}
     timers = {("step", "engine"): step_timer(engine.batched_from(None).new_decoder(), runs + WARMUP),
-              ("prompt", "engine"): prompt_timer(engine.new_decoder(), prompt_runs)}
+              ("prompt", "engine"): prompt_timer(prompt_decoder, prompt_runs)}
     for pass_, path in graphs.items():
         products, stand_ins, empty = sessions[path]
         rows = PROMPT if pass_ == "prompt" else 1

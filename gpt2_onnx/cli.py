@@ -68,6 +68,7 @@ def add_export(sub) -> None:
     p.add_argument("--graph", choices=GRAPHS, default="fast",
                    help="fast: the engine's fused graph; reference: Optimum's plain export (fp32)")
     q = p.add_argument_group("quantization")
+    # export.quantize.BLOCK_SIZES, written out: --help must work without the export extra (a test keeps them equal)
     q.add_argument("--block-size", type=int, default=None, choices=[16, 32, 64, 128, 256],
                    help="weights per scale along K (int4 blocks, 8-bit head) (default: the largest of 256 (int4), "
                         "128, 64, 32 that divides the width)")

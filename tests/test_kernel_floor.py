@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from gpt2_onnx.benchmarks.kernel_floor import hollow, is_product, products_graph
+from gpt2_onnx.benchmarks.kernel_floor import hollow, is_product, products_graph, random_feeds
 from gpt2_onnx.benchmarks.systems import onnx_weight_bytes
 
 from .conftest import TINY
@@ -16,10 +16,7 @@ from .conftest import TINY
 
 def run(products: onnx.ModelProto, rows: int = 1, seed: int = 0) -> tuple[dict, list[np.ndarray]]:
     session = ort.InferenceSession(products.SerializeToString(), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
-    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-    feeds = {i.name: rng.standard_normal([rows if d == "rows" else d for d in i.shape]).astype(dtypes[i.type])
-             for i in session.get_inputs()}
+    feeds = random_feeds(session, rows, seed)
     return feeds, session.run(None, feeds)
 
 

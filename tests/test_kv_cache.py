@@ -44,7 +44,6 @@ def test_both_graphs_keep_an_int8_cache_with_the_same_per_channel_scales(int8_kv
         for node in attention:
             attrs = {a.name: a for a in node.attribute}
             assert attrs["k_quant_type"].s == b"PER_CHANNEL" and attrs["kv_cache_bit_width"].i == 8
-            pass
         caches = [i for i in onnx.load(str(path), load_external_data=False).graph.input if i.name.startswith("past")]
         assert {i.type.tensor_type.elem_type for i in caches} == {TensorProto.INT8}
     scales = cache_scales(main)
