@@ -75,13 +75,16 @@ def spread(values: np.ndarray) -> dict:
     return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}
 
 
-def median_ms(call: Callable[[], object], runs: int, warmup: int) -> float:
-    """`warmup` untimed calls, then the median of `runs` timed ones, in ms."""
-    for _ in range(warmup):
-        call()
+def median_ms(call: Callable[[], object], runs: int, warmup: int,
+              before: Callable[[], object] | None = None) -> float:
+    """`warmup` untimed calls, then the median of `runs` timed ones, in ms; `before`, if given, runs untimed
+    ahead of every call (e.g. to empty the caches)."""
     times = []
-    for _ in range(runs):
+    for i in range(warmup + runs):
+        if before is not None:
+            before()
         start = time.perf_counter()
         call()
-        times.append(time.perf_counter() - start)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
     return float(np.median(times) * 1e3)

@@ -161,7 +161,8 @@ def _kernel_floor_table(results: dict) -> list[str]:
              "products alone (same ops and weights; one row each for a step; for a prompt 32 rows, the LM head one). "
              "Fixed cost: the same graph with every weight product replaced by a stand-in of its output's shape, run "
              "by the engine's decoder on the same cache and positions, less the stand-ins' own time (dispatch, "
-             "threads, attention, small ops). Kernel floor: products + fixed cost. Step and prompt: the engine's own, "
+             "threads, attention, small ops), both timed cold (each call after a read of twice the last-level cache, "
+             "as inside a real pass, whose products empty it). Kernel floor: products + fixed cost. Step and prompt: the engine's own, "
              "timed in the same alternating rounds as the floors.", "",
              "| system | ms/token p50 (latency runs) | weight floor | step | products alone | fixed cost | kernel floor "
              "| step / kernel floor | prompt | its products | its fixed cost | its kernel floor | prompt / kernel floor |",

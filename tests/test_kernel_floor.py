@@ -144,3 +144,38 @@ def test_the_command_line_names_a_folder_that_is_not_an_export(folder, tmp_path,
     assert main([str(path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "export" in err and "Traceback" not in err
+
+
+def test_median_ms_runs_before_untimed_ahead_of_every_call():
+    import time
+
+    from gpt2_onnx.benchmarks.measure import median_ms
+
+    calls = []
+    ms = median_ms(lambda: calls.append("call"), runs=3, warmup=2,
+                   before=lambda: (calls.append("before"), time.sleep(0.02)))
+    assert calls == ["before", "call"] * 5
+    assert ms < 10  # the 20 ms before each call is not in its time
+
+
+def test_the_cache_size_comes_from_sysfs(tmp_path):
+    from gpt2_onnx.benchmarks.kernel_floor import cache_bytes
+
+    assert cache_bytes(tmp_path) == 0  # nothing listed: unknown
+    for index, size in enumerate(["32K", "1024K", "32768K"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert cache_bytes(tmp_path) == 32 * 2**20
+
+
+def test_only_the_fixed_cost_passes_are_timed_cold(tiny_export, monkeypatch):
+    """Each hollow and stand-in call follows an eviction; the engine's own step and the products do not (they
+    stream their weights themselves)."""
+    from gpt2_onnx.benchmarks import kernel_floor
+
+    evictions = []
+    monkeypatch.setattr(kernel_floor, "cache_evictor", lambda: lambda: evictions.append(1))
+    floors = kernel_floor.kernel_floors({"tiny": tiny_export}, threads=1, rounds=1, runs=2)
+    calls = kernel_floor.WARMUP + 2
+    assert len(evictions) == len(kernel_floor.PASSES) * len(kernel_floor.COLD_PARTS) * calls
+    assert floors["tiny"]["overhead_ms"]["median"] >= 0
