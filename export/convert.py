@@ -7,6 +7,7 @@ next export into the same parent). `--force` replaces only a previous export, ne
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -22,6 +23,8 @@ from gpt2_onnx.errors import Gpt2OnnxError
 
 from .batched import add_batched_graph, wants_batched_graph
 from .quantize import QuantConfig
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: say so in one line, not a traceback
 
 Log = Callable[[str], None]
 
@@ -64,8 +67,11 @@ def export_model(source: str, out_dir: str | Path, *, quant: QuantConfig | None 
         with _sigterm_as_interrupt():
             manifest = _run_stages(source, work, quant, graph, (eval_text, eval_windows), log, with_attention)
             replace_folder(work, out_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise Gpt2OnnxError(f"the disk under {out_dir.parent} filled up while the export was written "
+                                f"({exc.strerror}); nothing was kept: free space there or choose another OUT_DIR") from None
         raise
     log(f"wrote {out_dir} ({manifest.size_bytes / 1e6:.1f} MB, {manifest.precision}, "
         f"max |Δlogit| vs PyTorch {manifest.parity['max_abs_logit_diff']:.2e}, greedy tokens "

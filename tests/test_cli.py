@@ -163,3 +163,33 @@ def test_help_shows_each_default_once():
     for flag, default in (("--max-new-tokens", "64"), ("--top-p", "1.0"), ("--repetition-penalty", "1.0")):
         section = generate[generate.index("\n  " + flag) + 3:].split("\n  --")[0]
         assert section.count("default") == 1 and default in section, section
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
+def test_a_disk_that_fills_up_during_an_export_is_one_line_and_leaves_nothing(code, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from gpt2_onnx.cli import main
+    from gpt2_onnx.export import convert
+
+    def filling(source, work, *args, **kwargs):
+        (work / "model.onnx").write_bytes(b"half")  # some of it written, then the disk is full
+        raise OSError(getattr(errno, code), "No space left on device")
+    monkeypatch.setattr(convert, "_run_stages", filling)
+    assert main(["export", "random:tiny", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "filled up" in err and "OUT_DIR" in err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written kept
+
+
+def test_other_os_errors_during_an_export_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    import errno
+
+    from gpt2_onnx.export import convert
+
+    def failing(source, work, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(convert, "_run_stages", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        convert.export_model("random:tiny", tmp_path / "out", log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
