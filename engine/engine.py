@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -67,6 +68,8 @@ class Engine:
         if self.huge_pages:
             collapse_populated_memory()  # once, both sessions' weights loaded
         self.batched_min_tokens = batched.get("min_tokens")  # another threshold: `batched_from`
+        self._spare_lock = threading.Lock()
+        self._spare: SharedBufferDecoder | None = None  # the last call's decoder and KV buffer, for the next
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -119,6 +122,7 @@ class Engine:
         threshold the export measured on another machine."""
         other = copy.copy(self)
         other.batched_min_tokens = min_tokens
+        other._spare_lock, other._spare = threading.Lock(), None  # its decoders route passes by its threshold
         return other
 
     def new_decoder(self) -> ConcatCacheDecoder | SharedBufferDecoder:
@@ -133,14 +137,32 @@ class Engine:
     def decode_steps(self, rows: list[Row]) -> Iterator[int]:
         """Prefill, then decode until every row has finished; yields the step number after each token.
         A finished row leaves the batch, so later steps run only the rows still generating."""
-        batch = Batch(self.new_decoder())
-        batch.start(rows, max(len(row.prompt) + max(row.config.max_new_tokens, 1) for row in rows))
-        for step in itertools.count():
-            yield step
-            batch.drop_finished()
-            if not batch.rows:
-                return
-            batch.step()
+        decoder = self._take_decoder()
+        try:
+            batch = Batch(decoder)
+            batch.start(rows, max(len(row.prompt) + max(row.config.max_new_tokens, 1) for row in rows))
+            for step in itertools.count():
+                yield step
+                batch.drop_finished()
+                if not batch.rows:
+                    return
+                batch.step()
+        finally:
+            self._keep_decoder(decoder)
+
+    def _take_decoder(self) -> ConcatCacheDecoder | SharedBufferDecoder:
+        """The previous call's decoder if one is kept (its buffer is reused when it fits: `reusable`), else a
+        new one. Each call takes its own: calls from several threads never share a buffer."""
+        with self._spare_lock:
+            decoder, self._spare = self._spare, None
+        return decoder or self.new_decoder()
+
+    def _keep_decoder(self, decoder: ConcatCacheDecoder | SharedBufferDecoder) -> None:
+        """Keep a finished call's decoder for the next one if its buffer is small: at most one row of the full
+        context (gpt2: 75 MB), so a wide batch's buffer is freed when its call returns."""
+        if isinstance(decoder, SharedBufferDecoder) and decoder.capacity * decoder.max_length <= self.manifest.n_positions:
+            with self._spare_lock:
+                self._spare = decoder
 
     # -- inspection -------------------------------------------------------------------------------
 

@@ -320,3 +320,53 @@ def test_kv_buffers_start_zeroed_and_writable(shape):
     assert array.shape == shape and array.dtype == np.float32 and not array.any()
     array[...] = 1.0  # the cache is written in place
     assert array.sum() == np.prod(shape)
+
+
+def test_a_buffer_is_reused_only_where_it_fits(tiny_engine):
+    decoder = tiny_engine.new_decoder()
+    decoder.allocate(capacity=2, max_length=64)
+    first = decoder.arrays[0]
+    decoder.add([1, 2, 3])
+    decoder.allocate(capacity=2, max_length=40)  # fits, and at most twice as long as asked: reused, emptied
+    assert decoder.arrays[0] is first and decoder.rows == 0 and not decoder.lengths.any()
+    for capacity, max_length in ((2, 65), (2, 31), (3, 64)):  # too short, over twice as long, other rows
+        decoder.allocate(capacity=capacity, max_length=max_length)
+        assert decoder.arrays[0] is not first
+        first = decoder.arrays[0]
+
+
+def test_calls_reuse_the_last_calls_buffer_and_match_a_fresh_engine(tiny_export):
+    """A call runs over the cache a longer earlier call left in the buffer (read only up to each row's
+    length): its tokens and logits are a fresh engine's; a wide batch's buffer is not kept."""
+    config = GenerationConfig(max_new_tokens=12)  # the ascii prompt's 9 tokens + 12: a buffer of 21 to 42 fits
+    engine = Engine(tiny_export, threads=1)
+    engine.generate([PROMPTS["long"], PROMPTS["code"]], GenerationConfig(max_new_tokens=40))
+    engine.generate(PROMPTS["code"], GenerationConfig(max_new_tokens=10))  # leaves 1 row of 40 tokens
+    kept = engine._spare
+    assert kept is not None and (kept.capacity, kept.max_length) == (1, 40)
+    buffer = kept.arrays[0]
+    for array in kept.arrays:
+        array[:, :, 20:] = np.nan  # past the next call's prompt: any of it read would show in its logits
+
+    def with_logprobs(engine: Engine) -> list:
+        row = engine.new_row(PROMPTS["ascii"], config, logprobs=3)
+        list(engine.decode_steps([row]))
+        return row.entries
+
+    reused = with_logprobs(engine)
+    assert engine._spare is kept and kept.arrays[0] is buffer  # the same memory, the code prompt's cache in it
+    assert reused == with_logprobs(Engine(tiny_export, threads=1))
+    engine.generate([PROMPTS["ascii"]] * 4, GenerationConfig(max_new_tokens=40))  # 4 rows of 49 > 128 tokens
+    assert engine._spare is None
+
+
+def test_calls_in_flight_never_share_a_decoder(tiny_export):
+    engine = Engine(tiny_export, threads=1)
+    config = GenerationConfig(max_new_tokens=8)
+    first = engine.decode_steps([engine.new_row(PROMPTS["ascii"], config)])
+    next(first)  # in flight: its decoder is taken
+    second = engine.stream(PROMPTS["code"], config)
+    assert next(second)  # a decoder of its own, while the first is mid-generation
+    list(first), list(second)
+    reference = Engine(tiny_export, threads=1)
+    assert engine.generate(PROMPTS["code"], config).token_ids == reference.generate(PROMPTS["code"], config).token_ids
