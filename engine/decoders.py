@@ -118,13 +118,14 @@ class SharedBufferDecoder:
             self.rows = 0  # the old rows' cache entries stay, past every new row's length: never read
             self.lengths[:] = 0
             return
-        self.on_huge_pages = on_huge_pages
+        self.capacity = 0  # until the new buffer exists: a failed allocation leaves nothing to reuse
         if self.provider == "cpu":  # numpy owns the memory (zeroed lazily by the OS: pages are touched as used)
             self.arrays = [zeroed(shape, self.dtype, huge_pages) for _ in self.names]
             self.buffers = [ort.OrtValue.ortvalue_from_numpy(array) for array in self.arrays]
         else:
             self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.provider, 0)
                             for _ in self.names]
+        self.on_huge_pages = on_huge_pages
         self.capacity, self.max_length, self.rows = capacity, max_length, 0
         self.lengths = np.zeros(capacity, np.int64)  # tokens in each row's cache
         # decode inputs live in numpy arrays that the bound OrtValues share, updated in place each step

@@ -27,10 +27,11 @@ from .decoders import ConcatCacheDecoder, SharedBufferDecoder
 from .detokenize import IncrementalText
 from .loop import Batch, Row
 from .manifest import BATCHED_FOLDER, Manifest
-from .hugepages import collapse_populated_memory, huge_pages_wanted
+from .hugepages import collapse_populated_memory, huge_pages_wanted, memory_bytes
 from .session import create_session, load_tokenizer
 
 Prompt = str | Sequence[int]
+KEEP_SHARE = 64  # a call's KV buffer is kept for the next call only up to this fraction of memory
 
 
 class ContextTooLong(Gpt2OnnxError):
@@ -159,10 +160,15 @@ class Engine:
 
     def _keep_decoder(self, decoder: ConcatCacheDecoder | SharedBufferDecoder) -> None:
         """Keep a finished call's decoder for the next one if its buffer is small: at most one row of the full
-        context (gpt2: 75 MB), so a wide batch's buffer is freed when its call returns."""
-        if isinstance(decoder, SharedBufferDecoder) and decoder.capacity * decoder.max_length <= self.manifest.n_positions:
+        context and at most 1/KEEP_SHARE of memory (on a 24 GB machine gpt2's 75 MB row and gpt2-large's 377 MB
+        are kept, gpt2-xl's 629 MB is not), so a wide batch's or a big model's buffer is freed when its call returns."""
+        if not isinstance(decoder, SharedBufferDecoder):
+            return
+        rows_fit = decoder.capacity * decoder.max_length <= self.manifest.n_positions
+        if rows_fit and decoder.buffer_bytes(decoder.capacity, decoder.max_length) <= memory_bytes() // KEEP_SHARE:
             with self._spare_lock:
-                self._spare = decoder
+                replaced, self._spare = self._spare, decoder
+            del replaced  # a replaced buffer is freed outside the lock
 
     # -- inspection -------------------------------------------------------------------------------
 

@@ -346,7 +346,7 @@ def test_calls_reuse_the_last_calls_buffer_and_match_a_fresh_engine(tiny_export)
     assert kept is not None and (kept.capacity, kept.max_length) == (1, 40)
     buffer = kept.arrays[0]
     for array in kept.arrays:
-        array[:, :, 20:] = np.nan  # past the next call's prompt: any of it read would show in its logits
+        array[...] = np.nan  # every position the next call reads it writes first: any other read shows as NaN
 
     def with_logprobs(engine: Engine) -> list:
         row = engine.new_row(PROMPTS["ascii"], config, logprobs=3)
@@ -363,10 +363,30 @@ def test_calls_reuse_the_last_calls_buffer_and_match_a_fresh_engine(tiny_export)
 def test_calls_in_flight_never_share_a_decoder(tiny_export):
     engine = Engine(tiny_export, threads=1)
     config = GenerationConfig(max_new_tokens=8)
-    first = engine.decode_steps([engine.new_row(PROMPTS["ascii"], config)])
-    next(first)  # in flight: its decoder is taken
-    second = engine.stream(PROMPTS["code"], config)
-    assert next(second)  # a decoder of its own, while the first is mid-generation
-    list(first), list(second)
+    engine.generate(PROMPTS["ascii"], config)  # leaves a decoder to reuse
+    spare = engine._spare
+    first = engine.new_row(PROMPTS["ascii"], config)
+    steps = engine.decode_steps([first])
+    next(steps)  # in flight: it took the spare
+    assert engine._spare is None
+    second = engine.new_row(PROMPTS["code"], config)
+    list(engine.decode_steps([second]))  # runs whole on a decoder of its own, then leaves it as the spare
+    assert engine._spare is not None and engine._spare is not spare
+    list(steps)
+    assert engine._spare is spare  # the first call's, given back last
     reference = Engine(tiny_export, threads=1)
-    assert engine.generate(PROMPTS["code"], config).token_ids == reference.generate(PROMPTS["code"], config).token_ids
+    for row, prompt in ((first, PROMPTS["ascii"]), (second, PROMPTS["code"])):
+        assert row.new_ids == reference.generate(prompt, config).token_ids
+
+
+def test_a_buffer_over_its_share_of_memory_is_not_kept(tiny_export, monkeypatch):
+    import gpt2_onnx.engine.engine as engine_module
+
+    engine = Engine(tiny_export, threads=1)
+    needed = engine.new_decoder().buffer_bytes(1, 9 + 8)  # the ascii prompt's 9 tokens + 8
+    monkeypatch.setattr(engine_module, "memory_bytes", lambda: needed * engine_module.KEEP_SHARE - 1)
+    engine.generate(PROMPTS["ascii"], GenerationConfig(max_new_tokens=8))
+    assert engine._spare is None
+    monkeypatch.setattr(engine_module, "memory_bytes", lambda: needed * engine_module.KEEP_SHARE)
+    engine.generate(PROMPTS["ascii"], GenerationConfig(max_new_tokens=8))
+    assert engine._spare is not None
