@@ -71,6 +71,7 @@ class Engine:
         self.batched_min_tokens = batched.get("min_tokens")  # another threshold: `batched_from`
         self._spare_lock = threading.Lock()
         self._spare: SharedBufferDecoder | None = None  # the last call's decoder and KV buffer, for the next
+        self._keep_bytes = memory_bytes() // KEEP_SHARE  # once, not at every call's end (it reads the cgroup)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -165,7 +166,7 @@ class Engine:
         if not isinstance(decoder, SharedBufferDecoder):
             return
         rows_fit = decoder.capacity * decoder.max_length <= self.manifest.n_positions
-        if rows_fit and decoder.buffer_bytes(decoder.capacity, decoder.max_length) <= memory_bytes() // KEEP_SHARE:
+        if rows_fit and decoder.buffer_bytes(decoder.capacity, decoder.max_length) <= self._keep_bytes:
             with self._spare_lock:
                 replaced, self._spare = self._spare, decoder
             del replaced  # a replaced buffer is freed outside the lock

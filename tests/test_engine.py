@@ -382,11 +382,9 @@ def test_calls_in_flight_never_share_a_decoder(tiny_export):
 def test_a_buffer_over_its_share_of_memory_is_not_kept(tiny_export, monkeypatch):
     import gpt2_onnx.engine.engine as engine_module
 
-    engine = Engine(tiny_export, threads=1)
-    needed = engine.new_decoder().buffer_bytes(1, 9 + 8)  # the ascii prompt's 9 tokens + 8
-    monkeypatch.setattr(engine_module, "memory_bytes", lambda: needed * engine_module.KEEP_SHARE - 1)
-    engine.generate(PROMPTS["ascii"], GenerationConfig(max_new_tokens=8))
-    assert engine._spare is None
-    monkeypatch.setattr(engine_module, "memory_bytes", lambda: needed * engine_module.KEEP_SHARE)
-    engine.generate(PROMPTS["ascii"], GenerationConfig(max_new_tokens=8))
-    assert engine._spare is not None
+    needed = Engine(tiny_export, threads=1).new_decoder().buffer_bytes(1, 9 + 8)  # the ascii prompt's 9 + 8
+    for memory, kept in ((needed * engine_module.KEEP_SHARE - 1, False), (needed * engine_module.KEEP_SHARE, True)):
+        monkeypatch.setattr(engine_module, "memory_bytes", lambda memory=memory: memory)
+        engine = Engine(tiny_export, threads=1)
+        engine.generate(PROMPTS["ascii"], GenerationConfig(max_new_tokens=8))
+        assert (engine._spare is not None) == kept
