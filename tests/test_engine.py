@@ -388,3 +388,40 @@ def test_a_buffer_over_its_share_of_memory_is_not_kept(tiny_export, monkeypatch)
         engine = Engine(tiny_export, threads=1)
         engine.generate(PROMPTS["ascii"], GenerationConfig(max_new_tokens=8))
         assert (engine._spare is not None) == kept
+
+
+def test_a_call_that_fails_midway_or_an_allocation_that_fails_leaves_the_next_call_right(tiny_export, monkeypatch):
+    """Fault injection: a decode step that raises ends its call with the error, and the decoder it leaves
+    (rows still in it) gives the next call exactly a fresh engine's tokens; an allocation that fails leaves
+    no buffer that a later allocation could take for reusable."""
+    from gpt2_onnx.engine import decoders
+
+    config = GenerationConfig(max_new_tokens=10)
+    engine = Engine(tiny_export, threads=1)
+    prompts = [PROMPTS["code"], PROMPTS["ascii"]]
+    calls = {"n": 0}
+    decode = decoders.SharedBufferDecoder.decode
+
+    def failing_third_step(self, tokens):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected onnxruntime failure")
+        return decode(self, tokens)
+    monkeypatch.setattr(decoders.SharedBufferDecoder, "decode", failing_third_step)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.generate(prompts, config)
+    monkeypatch.undo()
+    left = engine._spare
+    assert left is not None and left.rows == 2 and left.lengths.any()  # kept as the failure left it
+    buffer = left.arrays[0]
+    got = [r.token_ids for r in engine.generate(prompts, config)]
+    assert left.arrays[0] is buffer  # the same rows and length: reused
+    assert got == [r.token_ids for r in Engine(tiny_export, threads=1).generate(prompts, config)]
+
+    decoder = engine.new_decoder()
+    decoder.allocate(capacity=1, max_length=32)
+    monkeypatch.setattr(decoders, "zeroed", lambda *a, **k: (_ for _ in ()).throw(MemoryError("injected")))
+    with pytest.raises(MemoryError):
+        decoder.allocate(capacity=1, max_length=64)
+    monkeypatch.undo()
+    assert not decoder.reusable(1, 32, decoder.on_huge_pages)  # the 32-token buffer is no longer claimed
