@@ -279,6 +279,34 @@ def test_prompts_prefilled_together_match_one_by_one(tiny_engine):
         np.testing.assert_allclose(together, one_by_one, atol=1e-5)
 
 
+def test_prompt_bindings_are_kept_per_rows_rebound_every_pass_and_bounded(tiny_engine, monkeypatch):
+    """A prompt's binding (its cache views) is kept for the next prompt into the same rows; every pass binds
+    its own inputs and logits again, so prompts of other lengths into kept, cleared or new bindings give a fresh
+    decoder's logits, and the kept set never grows past its bound."""
+    from gpt2_onnx.engine import decoders
+
+    monkeypatch.setattr(decoders, "MAX_PROMPT_BINDINGS", 2)
+    prompts = [tiny_engine.encode(PROMPTS[name]) for name in ("long", "ascii", "one-token", "code")]
+    decoder = tiny_engine.new_decoder()
+    decoder.allocate(capacity=3, max_length=96)
+    for round_ in range(2):
+        for prompt in prompts:  # row 0 each time: one kept binding, other widths through it
+            np.testing.assert_allclose(decoder.add(prompt)[-1], tiny_engine.new_decoder().prefill([prompt])[0],
+                                       atol=1e-5)
+            decoder.remove(0)
+        kept = decoder.prompt_bindings[False, 1, 0]
+        assert decoder.add(prompts[1]) is not None and decoder.prompt_bindings[False, 1, 0] is kept
+        decoder.add(prompts[0])  # row 1
+        last = decoder.add(prompts[3])[-1]  # row 2: a third binding, so the set is started afresh
+        assert len(decoder.prompt_bindings) <= 2
+        np.testing.assert_allclose(last, tiny_engine.new_decoder().prefill([prompts[3]])[0], atol=1e-5)
+        got = decoder.decode(np.array([1, 2, 3])).copy()
+        for row, (prompt, token) in enumerate(zip((prompts[1], prompts[0], prompts[3]), (1, 2, 3))):
+            np.testing.assert_allclose(got[row], tiny_engine.new_decoder().prefill([prompt + [token]])[0], atol=1e-4)
+        for _ in range(3):
+            decoder.remove(0)
+
+
 def test_a_pass_with_no_room_is_refused_before_any_work_and_changes_nothing(tiny_engine):
     decoder = tiny_engine.new_decoder()
     decoder.allocate(capacity=3, max_length=16)
