@@ -40,14 +40,16 @@ def wants_batched_graph(quant: QuantConfig) -> bool:
 
 def batched_recipe(quant: QuantConfig) -> QuantConfig:
     """int8 DynamicQuantizeMatMul blocks (whatever this CPU's int8 default); the LM head and embedding as the
-    main graph stores them, without the head's shortlist: wide decode steps take the whole head anyway; for a
-    prompt's one logits row its 4-bit table (gpt2: 21 MB more on disk and in memory) saved 0.5-0.8 of ~14.5 ms
-    (int8 gpt2, 32-token prompts, alternating), not judged worth the memory. An 8-bit head has the wide head
-    too (lm_head.py): 38.6 MB more for gpt2; int4 gpt2, interleaved call by call, 40 calls each: a 16-row step
-    14.4 ms against 15.8 (medians), a 32-row one 24.8 against 27.5, a 32-token prompt unchanged (13.1)."""
+    main graph stores them, with its shortlist. A prompt's one logits row then reads the 4-bit table instead of
+    the 8-bit one: gpt2 int4, 32-token prompts, 80 alternating rounds in one process, first token 17.99 against
+    18.55 ms (medians; the head alone 0.69-0.93 against 1.32 ms in onnxruntime's profiler), for a 4-bit table
+    of 19 MB more on disk and in memory (measured at 0.5-0.8 ms before and then not taken; the prompt against
+    llama.cpp's Q4_0 is the issue's target). An 8-bit head has the wide head too (lm_head.py): 38.6 MB more for
+    gpt2; int4 gpt2, interleaved call by call, 40 calls each: a 16-row step 14.4 ms against 15.8 (medians), a
+    32-row one 24.8 against 27.5."""
     return replace(QuantConfig.int8(block_size=quant.block_size, kernel="DynamicQuantizeMatMul"),
-                   lm_head_bits=quant.head_bits or 32, head_shortlist=0, batched_graph=False, kv_cache=quant.kv_cache,
-                   wide_head=True)
+                   lm_head_bits=quant.head_bits or 32, head_shortlist=quant.shortlist, batched_graph=False,
+                   kv_cache=quant.kv_cache, wide_head=True)
 
 
 def add_batched_graph(model, work: Path, quant: QuantConfig, manifest, log, kv_scales: dict | None = None) -> dict:

@@ -101,7 +101,9 @@ def _shortlisted(g, wte: np.ndarray, shape, shortlist: int, full_head: Callable[
                       f"{name}/Squeeze")
         return g.one("ScatterElements", [approx, ids, exact], f"{name}/ScatterElements", axis=-1)
 
-    return lambda x: _by_rows(g, x, SHORTLIST_MAX_ROWS, short, full_head, "/lm_head", "shortlist", "full")
+    # where the wide head takes over, it does from WIDE_HEAD_MIN_ROWS (the shortlist was measured against 8-bit only)
+    max_rows = WIDE_HEAD_MIN_ROWS - 1 if g.quant.wide_head and g.quant.head_bits == 8 else SHORTLIST_MAX_ROWS
+    return lambda x: _by_rows(g, x, max_rows, short, full_head, "/lm_head", "shortlist", "full")
 
 
 def _dense(g, wte: np.ndarray, shape) -> tuple[Head, Head]:

@@ -112,7 +112,8 @@ def _kernel_collapses() -> bool:
 @pytest.mark.skipif(not _kernel_collapses(), reason="needs Linux 6.1+ with transparent huge pages not 'never'")
 def test_a_sessions_weights_land_on_huge_pages_and_compute_the_same():
     """In a fresh process: in one with a history, malloc may put the weights in spans collapsed before."""
-    done = subprocess.run([sys.executable, "-c", f"import tests.test_hugepages as t; t.{_session_weights_collapse.__name__}()"],
+    check = f"import tests.test_hugepages as t; t.{_session_weights_collapse.__name__}()"
+    done = subprocess.run([sys.executable, "-c", check],
                           cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 

@@ -102,9 +102,10 @@ def test_passes_of_many_rows_take_the_wide_head(heads, rows, positions):
 
 
 def test_a_shortlisted_head_passes_its_wide_passes_to_the_wide_head(heads):
+    """With a wide head, the shortlist runs only as far as the 8-bit head did: up to WIDE_HEAD_MIN_ROWS - 1 rows."""
     wte, sessions = heads
-    few = np.random.default_rng(5).standard_normal((1, SHORTLIST_MAX_ROWS, WIDTH)).astype(np.float32)
-    many = np.random.default_rng(6).standard_normal((1, SHORTLIST_MAX_ROWS + 1, WIDTH)).astype(np.float32)
+    few = np.random.default_rng(5).standard_normal((1, WIDE_HEAD_MIN_ROWS - 1, WIDTH)).astype(np.float32)
+    many = np.random.default_rng(6).standard_normal((1, WIDE_HEAD_MIN_ROWS, WIDTH)).astype(np.float32)
     np.testing.assert_array_equal(sessions["shortlisted, wide"].run(None, {"hidden": few})[0],
                                   sessions["shortlisted"].run(None, {"hidden": few})[0])
     np.testing.assert_allclose(sessions["shortlisted, wide"].run(None, {"hidden": many})[0],
