@@ -13,7 +13,7 @@ TopK and the scatter cost more than the 4-bit product saves once many rows ask f
 wide batch, prompt log-probabilities), so such passes take the full 8-bit head: an If on the row count.
 With `QuantConfig.wide_head` (the batched graph's recipe) those passes multiply with a per-channel int8 copy
 of the table instead (DynamicQuantizeMatMul: integer dot products over whole rows, ~1.7x faster than 8-bit
-MatMulNBits from 16 rows), at the table's size again.
+MatMulNBits from 16 rows), at the table's size again, from WIDE_HEAD_MIN_ROWS rows, shortlist or not.
 """
 
 from __future__ import annotations
@@ -63,10 +63,14 @@ def embedding_and_head(g, wte: np.ndarray, shape) -> tuple[Head, Head]:
     def per_channel_head(x: str, name: str) -> str:
         return g.dynamic_quantize_matmul(name, x, wte.T)
 
-    many_rows = per_channel_head if g.quant.wide_head and bits == 8 else head
+    wide = g.quant.wide_head and bits == 8
+    many_rows = per_channel_head if wide else head
     shortlist = min(g.quant.shortlist, shape.vocab_size)
     if shortlist:
-        return embed, _shortlisted(g, wte, shape, shortlist, many_rows, gather_rows)
+        # the shortlist was measured against the 8-bit head only: where the wide head exists, it takes over as it
+        # would from the 8-bit head (WIDE_HEAD_MIN_ROWS)
+        max_rows = WIDE_HEAD_MIN_ROWS - 1 if wide else SHORTLIST_MAX_ROWS
+        return embed, _shortlisted(g, wte, shape, shortlist, max_rows, many_rows, gather_rows)
     if many_rows is head:
         return embed, head
     return embed, lambda x: _by_rows(g, x, WIDE_HEAD_MIN_ROWS - 1, head, many_rows, "/lm_head", "narrow", "wide")
@@ -86,8 +90,8 @@ def _by_rows(g, x: str, max_rows: int, few: Callable[[str, str], str], many: Cal
     return g.one("If", [is_few], f"{name}/If", then_branch=branches[few_name], else_branch=branches[many_name])
 
 
-def _shortlisted(g, wte: np.ndarray, shape, shortlist: int, full_head: Callable[[str, str], str],
-                 gather_rows: Callable[[str, str, int], str]) -> Head:
+def _shortlisted(g, wte: np.ndarray, shape, shortlist: int, max_rows: int,
+                 full_head: Callable[[str, str], str], gather_rows: Callable[[str, str, int], str]) -> Head:
     stored4 = g.blockwise("wte4", wte.T, 4, symmetric=True)  # its error counts: the tail's scores come from it
     k = g.weight("lm_head.shortlist", np.array([shortlist], np.int64))
     last_axis = g.weight("lm_head.last_axis", np.array([-1], np.int64))
@@ -101,8 +105,6 @@ def _shortlisted(g, wte: np.ndarray, shape, shortlist: int, full_head: Callable[
                       f"{name}/Squeeze")
         return g.one("ScatterElements", [approx, ids, exact], f"{name}/ScatterElements", axis=-1)
 
-    # where the wide head takes over, it does from WIDE_HEAD_MIN_ROWS (the shortlist was measured against 8-bit only)
-    max_rows = WIDE_HEAD_MIN_ROWS - 1 if g.quant.wide_head and g.quant.head_bits == 8 else SHORTLIST_MAX_ROWS
     return lambda x: _by_rows(g, x, max_rows, short, full_head, "/lm_head", "shortlist", "full")
 
 

@@ -295,6 +295,9 @@ def test_prompt_bindings_are_kept_per_rows_rebound_every_pass_and_bounded(tiny_e
                                        atol=1e-5)
             decoder.remove(0)
         kept = decoder.prompt_bindings[False, 1, 0]
+        with pytest.raises(RuntimeError, match="out of data bounds"):  # a pass onnxruntime refuses, through it
+            decoder.add([tiny_engine.manifest.vocab_size + 7] * 5)
+        assert decoder.rows == 0  # nothing of it is counted; row 0 below is checked against a fresh prefill
         assert decoder.add(prompts[1]) is not None and decoder.prompt_bindings[False, 1, 0] is kept
         decoder.add(prompts[0])  # row 1
         last = decoder.add(prompts[3])[-1]  # row 2: a third binding, so the set is started afresh
